@@ -1,0 +1,4 @@
+export * from "./agent.js";
+export * from "./capabilities.js";
+export * from "./ops.js";
+export * from "./resources.js";

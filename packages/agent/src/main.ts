@@ -1,0 +1,65 @@
+#!/usr/bin/env node
+// ferry-agent: the host agent. Runs as root on every edge host, under an init that reaps
+// orphans (`tini -s`): restored containers are re-parented to the nearest subreaper.
+import { parseArgs } from "node:util";
+import { asFerryError, createLogger, securityFromFlags } from "@ferry/common";
+import { startAgent } from "./agent.js";
+
+const HELP = `usage: ferry-agent --name NAME [--listen ADDR] [--state-dir DIR] (--tls-dir DIR [--tls-name NAME] | --insecure)
+
+  --name NAME        this host's name (default: the hostname)
+  --listen ADDR      gRPC address (default 0.0.0.0:7441)
+  --state-dir DIR    images, containers, checkpoints (default /var/lib/ferry/agent)
+  --tls-dir DIR      CA and certificates made by deploy/certs.sh; presents <tls-name>.crt
+  --tls-name NAME    certificate name in --tls-dir (default: --name)
+  --insecure         no TLS, no client authentication: local experiments only
+  --criu PATH        CRIU binary (default: criu on PATH)
+  --runc PATH        runc binary (default: runc on PATH)
+`;
+
+async function main(): Promise<void> {
+  const { values } = parseArgs({
+    options: {
+      name: { type: "string" },
+      listen: { type: "string", default: "0.0.0.0:7441" },
+      "state-dir": { type: "string", default: "/var/lib/ferry/agent" },
+      "tls-dir": { type: "string" },
+      "tls-name": { type: "string" },
+      insecure: { type: "boolean", default: false },
+      criu: { type: "string", default: "criu" },
+      runc: { type: "string", default: "runc" },
+      help: { type: "boolean", short: "h" },
+    },
+    strict: true,
+  });
+  if (values.help) {
+    process.stdout.write(HELP);
+    return;
+  }
+  const name = values.name ?? (await import("node:os")).hostname();
+  const log = createLogger("ferry-agent").child({ host: name });
+  const security = securityFromFlags(values, name);
+  const agent = await startAgent({
+    name,
+    listen: values.listen,
+    stateDir: values["state-dir"],
+    security,
+    criuPath: values.criu,
+    runcPath: values.runc,
+    log,
+  });
+  log.info({ port: agent.port, security: security.mode }, "agent listening");
+  // A line on stdout that a supervisor (the testbed) can wait for.
+  process.stdout.write(`ferry-agent ready port=${agent.port}\n`);
+  const stop = (): void => {
+    log.info("agent stopping");
+    void agent.close().then(() => process.exit(0));
+  };
+  process.on("SIGTERM", stop);
+  process.on("SIGINT", stop);
+}
+
+main().catch((e: unknown) => {
+  process.stderr.write(`ferry-agent: ${asFerryError(e).fullMessage}\n`);
+  process.exit(1);
+});

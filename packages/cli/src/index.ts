@@ -1,0 +1,2 @@
+export { run, type ControllerClient } from "./cli.js";
+export * from "./table.js";
