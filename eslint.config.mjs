@@ -14,7 +14,10 @@ export default tseslint.config(
       "@typescript-eslint/no-misused-promises": "error",
       "@typescript-eslint/consistent-type-imports": ["error", { fixStyle: "inline-type-imports" }],
       "@typescript-eslint/no-unused-vars": ["error", { argsIgnorePattern: "^_", varsIgnorePattern: "^_" }],
-      "no-restricted-imports": ["error", { patterns: [{ group: ["@ferry/*/src/*", "../../*/src/*"], message: "import the package, not its src/" }] }],
+      "no-restricted-imports": [
+        "error",
+        { patterns: [{ group: ["@ferry/*/src/*", "../../*/src/*"], message: "import the package, not its src/" }] },
+      ],
     },
   },
   {

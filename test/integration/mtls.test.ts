@@ -37,7 +37,12 @@ beforeAll(async () => {
     runcPath: "runc",
   });
   const ctl = pki.security("controller");
-  controller = await startController({ listen: "127.0.0.1:0", security: ctl, agentSecurity: ctl, stateDir: path.join(state, "controller") });
+  controller = await startController({
+    listen: "127.0.0.1:0",
+    security: ctl,
+    agentSecurity: ctl,
+    stateDir: path.join(state, "controller"),
+  });
 });
 
 afterAll(async () => {

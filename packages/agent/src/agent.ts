@@ -3,7 +3,16 @@ import path from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import * as agentApi from "@ferry/api/agent";
 import { AgentServiceService, type GetCapabilitiesResponse } from "@ferry/api/agent";
-import { FerryError, serve, silentLogger, type AccessPolicy, type Logger, type RunningServer, type Security, type ServiceImpl } from "@ferry/common";
+import {
+  FerryError,
+  serve,
+  silentLogger,
+  type AccessPolicy,
+  type Logger,
+  type RunningServer,
+  type Security,
+  type ServiceImpl,
+} from "@ferry/common";
 import { PROTO_ROOT } from "@ferry/api/proto-root";
 import { probeCapabilities } from "./capabilities.js";
 import { OperationLog, idempotent } from "./ops.js";

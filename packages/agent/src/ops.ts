@@ -18,7 +18,7 @@ interface Record_ {
  * Records live on disk, so they survive an agent restart, and expire after `ttlMs`.
  */
 export class OperationLog {
-  private readonly inflight = new Map<string, Promise<Buffer>>();
+  private readonly inflight = new Map<string, { requestHash: string; answer: Promise<Buffer> }>();
 
   constructor(
     private readonly dir: string,
@@ -30,12 +30,38 @@ export class OperationLog {
   }
 
   /** Run `fn` once per key; `encode`/`decode` turn the response into bytes for the record. */
-  async once<T>(key: string, method: string, request: Buffer, fn: () => Promise<T>, encode: (v: T) => Buffer, decode: (b: Buffer) => T): Promise<T> {
+  async once<T>(
+    key: string,
+    method: string,
+    request: Buffer,
+    fn: () => Promise<T>,
+    encode: (v: T) => Buffer,
+    decode: (b: Buffer) => T,
+  ): Promise<T> {
     validateOperationKey("operation_key", key);
     const requestHash = createHash("sha256").update(method).update(request).digest("hex");
-    const slot = `${key}\0${requestHash}`;
-    const running = this.inflight.get(slot);
-    if (running) return decode(await running);
+    // Registered before the first await, so a concurrent duplicate always finds it.
+    let running = this.inflight.get(key);
+    if (running && running.requestHash !== requestHash) {
+      throw new FerryError("AlreadyExists", `operation key "${key}" is in use by a different request`, {
+        field: "operation_key",
+        fix: "use a new operation key for a new request",
+      });
+    }
+    if (!running) {
+      running = { requestHash, answer: this.answer(key, method, requestHash, fn, encode).finally(() => this.inflight.delete(key)) };
+      this.inflight.set(key, running);
+    }
+    return decode(await running.answer);
+  }
+
+  private async answer<T>(
+    key: string,
+    method: string,
+    requestHash: string,
+    fn: () => Promise<T>,
+    encode: (v: T) => Buffer,
+  ): Promise<Buffer> {
     const file = this.file(key);
     const existing = await readFile(file, "utf8").then(
       (s) => JSON.parse(s) as Record_,
@@ -48,22 +74,14 @@ export class OperationLog {
           fix: "use a new operation key for a new request; reuse a key only to retry the same request",
         });
       }
-      return decode(Buffer.from(existing.response, "base64"));
+      return Buffer.from(existing.response, "base64");
     }
-    const p = (async () => {
-      const bytes = encode(await fn());
-      await mkdir(this.dir, { recursive: true });
-      const rec: Record_ = { method, requestHash, response: bytes.toString("base64"), at: new Date().toISOString() };
-      await writeFile(file + ".tmp", JSON.stringify(rec));
-      await rename(file + ".tmp", file);
-      return bytes;
-    })();
-    this.inflight.set(slot, p);
-    try {
-      return decode(await p);
-    } finally {
-      this.inflight.delete(slot);
-    }
+    const bytes = encode(await fn());
+    await mkdir(this.dir, { recursive: true });
+    const rec: Record_ = { method, requestHash, response: bytes.toString("base64"), at: new Date().toISOString() };
+    await writeFile(file + ".tmp", JSON.stringify(rec));
+    await rename(file + ".tmp", file);
+    return bytes;
   }
 
   /** Drop records older than the TTL. */
@@ -92,7 +110,14 @@ export function idempotent<S extends ServiceDef>(definition: S, impl: ServiceImp
     const fn = impl[method as keyof S] as unknown as (req: { operationKey?: string }, ctx: CallContext) => Promise<unknown>;
     out[method] = (req: { operationKey?: string }, ctx: CallContext) => {
       if (!req.operationKey) return fn(req, ctx);
-      return log.once(req.operationKey, method, def.requestSerialize(req), () => fn(req, ctx), def.responseSerialize, def.responseDeserialize);
+      return log.once(
+        req.operationKey,
+        method,
+        def.requestSerialize(req),
+        () => fn(req, ctx),
+        def.responseSerialize,
+        def.responseDeserialize,
+      );
     };
   }
   return out as ServiceImpl<S>;

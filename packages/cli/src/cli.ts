@@ -94,7 +94,12 @@ export async function run(argv: string[], env: NodeJS.ProcessEnv, io: Io, client
       case "host": {
         const [sub, name, address] = args;
         if (sub === "add" && name && address) {
-          const { host } = await c.registerHost({ name, address, tlsServerName: values["server-name"] ?? "", underlayIp: values["underlay-ip"] ?? "" });
+          const { host } = await c.registerHost({
+            name,
+            address,
+            tlsServerName: values["server-name"] ?? "",
+            underlayIp: values["underlay-ip"] ?? "",
+          });
           print(host, () => table(["NAME", "ADDRESS", "STATE", "CRIU", "KERNEL", "CPUS", "MEMORY", "CONTAINERS"], [hostRow(host!)]));
           return 0;
         }
@@ -102,7 +107,11 @@ export async function run(argv: string[], env: NodeJS.ProcessEnv, io: Io, client
           await c.removeHost({ name });
           return 0;
         }
-        throw FerryError.invalid("host", `unknown or incomplete sub-command "${args.join(" ")}"`, "use `ferry host add NAME ADDRESS` or `ferry host rm NAME`");
+        throw FerryError.invalid(
+          "host",
+          `unknown or incomplete sub-command "${args.join(" ")}"`,
+          "use `ferry host add NAME ADDRESS` or `ferry host rm NAME`",
+        );
       }
       default:
         throw FerryError.invalid("command", `unknown command "${cmd}"`, "run `ferry --help` for the list");

@@ -35,9 +35,7 @@ const toStatus: Record<ErrorCode, status> = {
   Internal: status.INTERNAL,
 };
 
-const fromStatus = new Map<number, ErrorCode>(
-  Object.entries(toStatus).map(([code, s]) => [s, code as ErrorCode]),
-);
+const fromStatus = new Map<number, ErrorCode>(Object.entries(toStatus).map(([code, s]) => [s, code as ErrorCode]));
 
 /** Codes a caller may retry with the same operation key; everything else is final. */
 export const RETRYABLE_CODES: ReadonlySet<ErrorCode> = new Set(["Unavailable", "Aborted", "DeadlineExceeded"]);

@@ -13,7 +13,11 @@ export function securityFromFlags(flags: { "tls-dir"?: string; "tls-name"?: stri
   }
   const dir = flags["tls-dir"];
   if (!dir) {
-    throw FerryError.invalid("--tls-dir", "no TLS material given", "pass --tls-dir DIR (certificates from `make certs`), or --insecure for a local experiment");
+    throw FerryError.invalid(
+      "--tls-dir",
+      "no TLS material given",
+      "pass --tls-dir DIR (certificates from `make certs`), or --insecure for a local experiment",
+    );
   }
   return { mode: "mtls", tls: loadTls(tlsFilesIn(dir, flags["tls-name"] ?? defaultName)) };
 }

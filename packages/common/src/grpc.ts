@@ -35,7 +35,6 @@ interface MethodDef<Req, Res, ReqS extends boolean, ResS extends boolean> {
 type AnyMethod = MethodDef<any, any, boolean, boolean>; // eslint-disable-line @typescript-eslint/no-explicit-any
 export type ServiceDef = Record<string, AnyMethod>;
 
-
 /** Who is calling, from the client certificate (OU = role, CN = name). */
 export interface Peer {
   role: Role | "insecure";
@@ -84,7 +83,10 @@ function peerOf(call: { getPeer(): string; getAuthContext?: () => unknown }, sec
   const first = (v: string | string[] | undefined): string => (Array.isArray(v) ? (v[0] ?? "") : (v ?? ""));
   const ou = first(subject.OU);
   const role = ou === "controller" || ou === "agent" || ou === "admin" ? ou : undefined;
-  if (!role) throw new FerryError("PermissionDenied", `client certificate has no Ferry role (OU="${ou}")`, { fix: "use a certificate made by deploy/certs.sh" });
+  if (!role)
+    throw new FerryError("PermissionDenied", `client certificate has no Ferry role (OU="${ou}")`, {
+      fix: "use a certificate made by deploy/certs.sh",
+    });
   return { role, name: first(subject.CN), address };
 }
 
@@ -122,7 +124,11 @@ async function writeAll(call: ServerWritableStream<unknown, unknown>, items: Asy
  * Turn a plain implementation into grpc-js handlers: authorization by certificate role, errors
  * mapped to status codes in one place, cancellation as an AbortSignal, backpressure on streams.
  */
-export function toHandlers<S extends ServiceDef>(reg: ServiceRegistration<S>, security: Security, log: Logger): Record<string, UntypedHandleCall> {
+export function toHandlers<S extends ServiceDef>(
+  reg: ServiceRegistration<S>,
+  security: Security,
+  log: Logger,
+): Record<string, UntypedHandleCall> {
   const handlers: Record<string, UntypedHandleCall> = {};
   for (const [method, def] of Object.entries(reg.definition)) {
     const fn = reg.impl[method as keyof S] as unknown as (a: unknown, ctx: CallContext) => unknown;
@@ -138,7 +144,7 @@ export function toHandlers<S extends ServiceDef>(reg: ServiceRegistration<S>, se
           try {
             const peer = peerOf(call, security);
             authorize(reg.access, method, peer);
-            cb(null, await (fn(call.request, contextOf(call, method, peer))));
+            cb(null, await fn(call.request, contextOf(call, method, peer)));
           } catch (e) {
             cb(fail(e));
           }
@@ -164,7 +170,7 @@ export function toHandlers<S extends ServiceDef>(reg: ServiceRegistration<S>, se
           try {
             const peer = peerOf(call, security);
             authorize(reg.access, method, peer);
-            cb(null, await (fn(call, contextOf(call, method, peer))));
+            cb(null, await fn(call, contextOf(call, method, peer)));
           } catch (e) {
             cb(fail(e));
           }
@@ -212,7 +218,14 @@ export async function serve(opts: ServeOptions): Promise<RunningServer> {
   for (const reg of opts.services) status[reg.name] = "SERVING";
   const health = new HealthImplementation(status);
   health.addToServer(server);
-  const pkg = protoLoader.loadSync(opts.protoFiles, { includeDirs: [opts.protoRoot], keepCase: false, longs: Number, enums: String, defaults: true, oneofs: true });
+  const pkg = protoLoader.loadSync(opts.protoFiles, {
+    includeDirs: [opts.protoRoot],
+    keepCase: false,
+    longs: Number,
+    enums: String,
+    defaults: true,
+    oneofs: true,
+  });
   new ReflectionService(pkg).addToServer(server);
 
   const port = await new Promise<number>((resolve, reject) => {
@@ -300,14 +313,27 @@ export function connect<S extends ServiceDef>(definition: S, messages: Record<st
     if (!def.requestStream && !def.responseStream) {
       out[method] = (req: unknown, o?: CallOpts) =>
         new Promise((resolve, reject) => {
-          const call = client.makeUnaryRequest(def.path, serialize, deserialize, req ?? {}, o?.metadata ?? new Metadata(), callOptions(o), (err, res) =>
-            err ? reject(fromServiceError(err)) : resolve(res),
+          const call = client.makeUnaryRequest(
+            def.path,
+            serialize,
+            deserialize,
+            req ?? {},
+            o?.metadata ?? new Metadata(),
+            callOptions(o),
+            (err, res) => (err ? reject(fromServiceError(err)) : resolve(res)),
           );
           o?.signal?.addEventListener("abort", () => call.cancel(), { once: true });
         });
     } else if (!def.requestStream && def.responseStream) {
       out[method] = (req: unknown, o?: CallOpts) => {
-        const call = client.makeServerStreamRequest(def.path, serialize, deserialize, req ?? {}, o?.metadata ?? new Metadata(), callOptions(o));
+        const call = client.makeServerStreamRequest(
+          def.path,
+          serialize,
+          deserialize,
+          req ?? {},
+          o?.metadata ?? new Metadata(),
+          callOptions(o),
+        );
         o?.signal?.addEventListener("abort", () => call.cancel(), { once: true });
         return (async function* () {
           try {
@@ -323,8 +349,13 @@ export function connect<S extends ServiceDef>(definition: S, messages: Record<st
       out[method] = async (reqs: AsyncIterable<unknown> | Iterable<unknown>, o?: CallOpts) => {
         let call: ReturnType<Client["makeClientStreamRequest"]> | undefined;
         const result = new Promise((resolve, reject) => {
-          call = client.makeClientStreamRequest(def.path, serialize, deserialize, o?.metadata ?? new Metadata(), callOptions(o), (err, res) =>
-            err ? reject(fromServiceError(err)) : resolve(res),
+          call = client.makeClientStreamRequest(
+            def.path,
+            serialize,
+            deserialize,
+            o?.metadata ?? new Metadata(),
+            callOptions(o),
+            (err, res) => (err ? reject(fromServiceError(err)) : resolve(res)),
           );
         });
         o?.signal?.addEventListener("abort", () => call!.cancel(), { once: true });

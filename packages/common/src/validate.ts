@@ -52,7 +52,11 @@ export function validateInterfaceName(field: string, value: string): string {
 
 export function validateOperationKey(field: string, value: string): string {
   if (!OPERATION_KEY.test(value)) {
-    throw FerryError.invalid(field, "operation key has characters outside [A-Za-z0-9._:/-] or is over 200 long", "send a key such as '<migration id>/<step>'");
+    throw FerryError.invalid(
+      field,
+      "operation key has characters outside [A-Za-z0-9._:/-] or is over 200 long",
+      "send a key such as '<migration id>/<step>'",
+    );
   }
   return value;
 }
@@ -67,7 +71,11 @@ export function parseIpv4Cidr(field: string, value: string): Cidr {
   const m = /^(\d{1,3}(?:\.\d{1,3}){3})\/(\d{1,2})$/.exec(value);
   const prefix = m ? Number(m[2]) : NaN;
   if (!m || !isIPv4(m[1]!) || prefix < 1 || prefix > 32) {
-    throw FerryError.invalid(field, `"${value}" is not an IPv4 address with a prefix length`, 'write it as "A.B.C.D/N", e.g. "10.77.0.10/24"');
+    throw FerryError.invalid(
+      field,
+      `"${value}" is not an IPv4 address with a prefix length`,
+      'write it as "A.B.C.D/N", e.g. "10.77.0.10/24"',
+    );
   }
   return { ip: m[1]!, prefix };
 }
@@ -79,9 +87,15 @@ export function validateIpv4(field: string, value: string): string {
 
 export function validateMac(field: string, value: string): string {
   const v = value.toLowerCase();
-  if (!MAC.test(v)) throw FerryError.invalid(field, `"${value}" is not a MAC address`, 'write it as six hex pairs, e.g. "02:00:0a:4d:00:0a"');
+  if (!MAC.test(v))
+    throw FerryError.invalid(field, `"${value}" is not a MAC address`, 'write it as six hex pairs, e.g. "02:00:0a:4d:00:0a"');
   const first = parseInt(v.slice(0, 2), 16);
-  if (first & 1) throw FerryError.invalid(field, `"${value}" is a multicast MAC address`, "use a unicast address (even first byte), e.g. starting with 02");
+  if (first & 1)
+    throw FerryError.invalid(
+      field,
+      `"${value}" is a multicast MAC address`,
+      "use a unicast address (even first byte), e.g. starting with 02",
+    );
   return v;
 }
 

@@ -1,6 +1,15 @@
 import { ControllerServiceService } from "@ferry/api/controller";
 import { PROTO_ROOT } from "@ferry/api/proto-root";
-import { FerryError, serve, silentLogger, type AccessPolicy, type Logger, type RunningServer, type Security, type ServiceImpl } from "@ferry/common";
+import {
+  FerryError,
+  serve,
+  silentLogger,
+  type AccessPolicy,
+  type Logger,
+  type RunningServer,
+  type Security,
+  type ServiceImpl,
+} from "@ferry/common";
 import { HostRegistry, mtlsAgentConnector, type AgentConnector } from "./hosts.js";
 
 export interface ControllerConfig {
@@ -69,7 +78,14 @@ export async function startController(cfg: ControllerConfig): Promise<RunningCon
   const server = await serve({
     address: cfg.listen,
     security: cfg.security,
-    services: [{ name: "ferry.controller.v1.ControllerService", definition: ControllerServiceService, impl: controller.impl, access: CONTROLLER_ACCESS }],
+    services: [
+      {
+        name: "ferry.controller.v1.ControllerService",
+        definition: ControllerServiceService,
+        impl: controller.impl,
+        access: CONTROLLER_ACCESS,
+      },
+    ],
     protoFiles: ["ferry/controller/v1/controller.proto"],
     protoRoot: PROTO_ROOT,
     ...(cfg.log ? { log: cfg.log } : {}),
