@@ -2,3 +2,4 @@ export * from "./agent.js";
 export * from "./capabilities.js";
 export * from "./ops.js";
 export * from "./resources.js";
+export * from "./net/index.js";

@@ -1,0 +1,2 @@
+export * from "./ovs.js";
+export * from "./netns.js";

@@ -1,0 +1,340 @@
+import { createHash } from "node:crypto";
+import { access, readdir } from "node:fs/promises";
+import type { TcpConnection } from "@ferry/api/agent";
+import { ExecError, FerryError, exec, macFromIp, parseIpv4Cidr, validateIpv4, validateMac, validateName } from "@ferry/common";
+import type { OvsApi } from "./ovs.js";
+
+/**
+ * CRIU 4.2.1's network lock, byte for byte (criu/net.c `iptables_network_lock_internal`, read off
+ * the installed binary with `strings`). CRIU installs it at dump inside the container's network
+ * namespace, and at restore runs {@link CRIU_UNLOCK_JUMPS} then {@link CRIU_UNLOCK_CHAIN} there
+ * (`iptables-restore -w --noflush`, and ip6tables-restore when the kernel has IPv6). A
+ * destination namespace must carry the same lock so that the restore's unlock succeeds and so
+ * that client retransmissions meet a DROP (retry later) instead of a closed port (RST).
+ */
+export const CRIU_LOCK_RULES =
+  "*filter\n:CRIU - [0:0]\n-I INPUT -j CRIU\n-I OUTPUT -j CRIU\n-A CRIU -m mark --mark 0xC114 -j ACCEPT\n-A CRIU -j DROP\nCOMMIT\n";
+/** First half of CRIU's unlock: remove the jumps (CRIU repeats it while `iptables -C INPUT -j CRIU` still matches). */
+export const CRIU_UNLOCK_JUMPS = "*filter\n:CRIU - [0:0]\n-D INPUT -j CRIU\n-D OUTPUT -j CRIU\nCOMMIT\n";
+/** Second half of CRIU's unlock: remove the chain. */
+export const CRIU_UNLOCK_CHAIN = "*filter\n:CRIU - [0:0]\n-X CRIU\nCOMMIT\n";
+
+export interface NetNsConfig {
+  /** Namespace name prefix: "ferry-" gives /run/netns/ferry-<container>. */
+  prefix: string;
+  ovs: OvsApi;
+  /** The OVS bridge the container's interface is attached to. */
+  bridge: string;
+  /**
+   * Named network namespace where ovs-vswitchd (and so the bridge's ports) lives, when it is not
+   * our own (an emulated host driven from outside). Default: the caller's namespace.
+   */
+  hostNs?: string;
+  /**
+   * How the container's eth0 is joined to OVS.
+   * - "tap" (default): an OVS internal port (a tap with the userspace datapath) moved into the
+   *   namespace and renamed eth0. The kernel checksums what the container sends into a tap.
+   * - "veth": a veth pair, host side on the bridge. With the userspace datapath on this kernel,
+   *   TCP/UDP sent by the container arrive with partial checksums (veth TX offload, read through
+   *   AF_PACKET) and the receiver drops them: use it with the kernel datapath only.
+   */
+  link?: "tap" | "veth";
+  /** Default 1450: the overlay is VXLAN over a 1500-byte underlay. */
+  mtu?: number;
+  /** Default /run/netns (where `ip netns add` puts them). */
+  netnsDir?: string;
+  /** How long {@link NetNs.clear} waits for the host-side interface to disappear. Default 5 s. */
+  clearTimeoutMs?: number;
+}
+
+export interface NetnsSpec {
+  /** "10.77.0.10/24". */
+  ipCidr: string;
+  /** Derived from the IP (02:00:<ip>) when absent. */
+  mac?: string;
+  gateway?: string;
+  /** Pinned OpenFlow port; OVS picks one when absent or 0. */
+  ofport?: number;
+}
+
+export interface NetnsInfo {
+  /** /run/netns/<prefix><container>, as written into the OCI config. */
+  path: string;
+  /** OVS port name of the container's interface: "fv" + 8 hex of sha256(prefix + container). */
+  veth: string;
+  ofport: number;
+  mac: string;
+}
+
+/** What {@link NetNs} offers the agent's service and pipeline; a fake can implement it in unit tests. */
+export interface NetNsApi {
+  create(container: string, spec: NetnsSpec, lock?: readonly TcpConnection[]): Promise<NetnsInfo>;
+  clear(container: string): Promise<{ waitMs: number }>;
+  lock(container: string): Promise<void>;
+  unlock(container: string): Promise<void>;
+  isLocked(container: string): Promise<boolean>;
+  exists(container: string): Promise<boolean>;
+  path(container: string): string;
+}
+
+const PREFIX = /^[a-z0-9][a-z0-9-]{0,40}$/;
+const POLL_MS = 10;
+
+/** The host-side OVS port name of a container: short (IFNAMSIZ) and stable across hosts. */
+export function portNameFor(prefix: string, container: string): string {
+  return (
+    "fv" +
+    createHash("sha256")
+      .update(prefix + container)
+      .digest("hex")
+      .slice(0, 8)
+  );
+}
+
+interface Observed {
+  ip?: string;
+  prefix?: number;
+  mac?: string;
+  ofport?: number;
+}
+
+/**
+ * Network namespaces of Ferry containers, each with an `eth0` on the host's OVS bridge at a
+ * pinned OpenFlow port. Namespaces are entered with `ip -n` / `nsenter --net=`, never with
+ * `ip netns exec` (a new mount namespace breaks CRIU).
+ */
+export class NetNs implements NetNsApi {
+  private readonly link: "tap" | "veth";
+  private readonly mtu: number;
+  private readonly dir: string;
+
+  constructor(private readonly cfg: NetNsConfig) {
+    if (!PREFIX.test(cfg.prefix))
+      throw FerryError.invalid(
+        "netns.prefix",
+        `"${cfg.prefix}" is not a valid prefix`,
+        "use lowercase letters, digits and '-', e.g. \"ferry-\"",
+      );
+    this.link = cfg.link ?? "tap";
+    this.mtu = cfg.mtu ?? 1450;
+    this.dir = cfg.netnsDir ?? "/run/netns";
+  }
+
+  private nsName(container: string): string {
+    return this.cfg.prefix + validateName("container", container);
+  }
+
+  path(container: string): string {
+    return `${this.dir}/${this.nsName(container)}`;
+  }
+
+  async exists(container: string): Promise<boolean> {
+    return access(this.path(container)).then(
+      () => true,
+      () => false,
+    );
+  }
+
+  /** `ip` in the namespace where the bridge lives. */
+  private ipHost(args: string[], okCodes?: number[]): Promise<{ stdout: string; exitCode: number }> {
+    return exec("ip", this.cfg.hostNs ? ["-n", this.cfg.hostNs, ...args] : args, okCodes ? { okCodes } : {});
+  }
+
+  async create(container: string, spec: NetnsSpec, lock?: readonly TcpConnection[]): Promise<NetnsInfo> {
+    const name = this.nsName(container);
+    const cidr = parseIpv4Cidr("network.ip_cidr", spec.ipCidr);
+    const mac = spec.mac ? validateMac("network.mac", spec.mac) : macFromIp(cidr.ip);
+    if (spec.gateway) validateIpv4("network.gateway", spec.gateway);
+    const ofport = spec.ofport ?? 0;
+    if (!Number.isInteger(ofport) || ofport < 0 || ofport > 0xfeff) {
+      throw FerryError.invalid("network.ofport", `ofport ${ofport} is out of range`, "use 1-65279, or 0 to let OVS pick one");
+    }
+    const port = portNameFor(this.cfg.prefix, container);
+    const path = this.path(container);
+
+    if (await this.exists(container)) {
+      const cur = await this.observe(container);
+      const same =
+        cur.ip === cidr.ip &&
+        cur.prefix === cidr.prefix &&
+        cur.mac === mac &&
+        cur.ofport !== undefined &&
+        (ofport === 0 || cur.ofport === ofport);
+      if (!same) {
+        throw new FerryError(
+          "AlreadyExists",
+          `container: network namespace ${name} already exists with another configuration (ip ${cur.ip ?? "-"}/${cur.prefix ?? "-"}, mac ${cur.mac ?? "-"}, ofport ${cur.ofport ?? "-"})`,
+          {
+            field: "container",
+            fix: "clear the namespace first (ClearNetns) or use another container name",
+          },
+        );
+      }
+      if (lock) await this.lock(container);
+      return { path, veth: port, ofport: cur.ofport!, mac };
+    }
+    await this.checkIpFree(cidr.ip, name);
+
+    try {
+      await exec("ip", ["netns", "add", name]);
+    } catch (e) {
+      if (e instanceof ExecError && /File exists/.test(e.stderr)) {
+        throw new FerryError("AlreadyExists", `container: network namespace ${name} was created concurrently`, {
+          field: "container",
+          fix: "retry; the agent serialises calls per container",
+        });
+      }
+      throw e;
+    }
+    // Undo on failure: the namespace and the port must not outlive a failed create.
+    try {
+      const got = this.link === "tap" ? await this.attachTap(name, port, ofport) : await this.attachVeth(name, port, ofport);
+      const cmds = [
+        ...(this.link === "tap" ? [`link set ${port} name eth0`] : []),
+        `link set eth0 address ${mac} mtu ${this.mtu}`,
+        `addr add ${cidr.ip}/${cidr.prefix} dev eth0`,
+        "link set lo up",
+        "link set eth0 up",
+        ...(spec.gateway ? [`route add default via ${spec.gateway} dev eth0`] : []),
+      ];
+      await exec("ip", ["-n", name, "-batch", "-"], { input: cmds.join("\n") + "\n" });
+      if (lock) await this.lock(container);
+      return { path, veth: port, ofport: got, mac };
+    } catch (e) {
+      await this.clear(container).catch(() => undefined);
+      throw e;
+    }
+  }
+
+  private async attachTap(name: string, port: string, ofport: number): Promise<number> {
+    // A leftover port of the same name would hold a tap that is not ours to move.
+    await this.cfg.ovs.deletePort(this.cfg.bridge, port);
+    const got = await this.cfg.ovs.addPort(this.cfg.bridge, port, {
+      type: "internal",
+      ...(ofport ? { ofport } : {}),
+      externalIds: { "ferry-netns": name },
+    });
+    // OVS keeps reading/writing the tap through its fd after the device changes namespace.
+    await this.ipHost(["link", "set", port, "netns", name]);
+    return got;
+  }
+
+  private async attachVeth(name: string, port: string, ofport: number): Promise<number> {
+    await this.waitGone(port, this.cfg.clearTimeoutMs ?? 5000);
+    await this.ipHost(["link", "add", port, "mtu", String(this.mtu), "type", "veth", "peer", "name", "eth0", "netns", name]);
+    await this.ipHost(["link", "set", port, "up"]);
+    return this.cfg.ovs.addPort(this.cfg.bridge, port, { ...(ofport ? { ofport } : {}), externalIds: { "ferry-netns": name } });
+  }
+
+  /** AlreadyExists when another namespace of this prefix already holds the address. */
+  private async checkIpFree(ip: string, self: string): Promise<void> {
+    const names = (await readdir(this.dir).catch(() => [] as string[])).filter((n) => n.startsWith(this.cfg.prefix) && n !== self);
+    const holders = await Promise.all(
+      names.map(async (n) => ((await addressesOf(n).catch(() => [] as string[])).includes(ip) ? n : undefined)),
+    );
+    const holder = holders.find((h) => h !== undefined);
+    if (holder) {
+      throw new FerryError("AlreadyExists", `network.ip_cidr: ${ip} is already used on this host by namespace ${holder}`, {
+        field: "network.ip_cidr",
+        fix: `clear ${holder} first (a migration clears the source before the destination takes the address) or pick another IP`,
+      });
+    }
+  }
+
+  private async observe(container: string): Promise<Observed> {
+    const name = this.nsName(container);
+    const out: Observed = {};
+    const r = await exec("ip", ["-n", name, "-j", "addr", "show", "dev", "eth0"], { okCodes: [0, 1] });
+    if (r.exitCode === 0) {
+      const links = JSON.parse(r.stdout || "[]") as Array<{
+        address?: string;
+        addr_info?: Array<{ family: string; local: string; prefixlen: number }>;
+      }>;
+      const inet = links[0]?.addr_info?.find((a) => a.family === "inet");
+      out.mac = links[0]?.address;
+      if (inet) {
+        out.ip = inet.local;
+        out.prefix = inet.prefixlen;
+      }
+    }
+    try {
+      out.ofport = await this.cfg.ovs.ofportOf(portNameFor(this.cfg.prefix, container));
+    } catch {
+      /* no port: not identical */
+    }
+    return out;
+  }
+
+  async isLocked(container: string): Promise<boolean> {
+    const r = await exec("nsenter", [`--net=${this.path(container)}`, "iptables-save", "-t", "filter"]);
+    return /^-A INPUT -j CRIU$/m.test(r.stdout);
+  }
+
+  /** Install CRIU's network lock (idempotent): everything but SOCCR-marked packets is dropped. */
+  async lock(container: string): Promise<void> {
+    if (!(await this.exists(container))) throw FerryError.notFound("network namespace", this.nsName(container), "create it first");
+    if (await this.isLocked(container)) return;
+    await this.restore(container, CRIU_LOCK_RULES);
+  }
+
+  /** Remove the lock exactly as CRIU's restore does (jumps, then the chain); a no-op when unlocked. */
+  async unlock(container: string): Promise<void> {
+    if (!(await this.isLocked(container))) return;
+    for (let i = 0; i < 3 && (await this.isLocked(container)); i++) await this.restore(container, CRIU_UNLOCK_JUMPS);
+    await this.restore(container, CRIU_UNLOCK_CHAIN);
+  }
+
+  private async restore(container: string, rules: string): Promise<void> {
+    const ns = `--net=${this.path(container)}`;
+    await exec("nsenter", [ns, "iptables-restore", "-w", "--noflush"], { input: rules });
+    // CRIU applies the same text to ip6tables when the kernel has IPv6 (kdat.ipv6).
+    if (await hasIpv6()) await exec("nsenter", [ns, "ip6tables-restore", "-w", "--noflush"], { input: rules });
+  }
+
+  /**
+   * Delete the namespace and its OVS port, and wait until the host-side interface is really gone
+   * (namespace teardown is asynchronous; a re-create with the same port name would fail).
+   */
+  async clear(container: string): Promise<{ waitMs: number }> {
+    const name = this.nsName(container);
+    const port = portNameFor(this.cfg.prefix, container);
+    // Deleting an OVS internal port destroys its tap at once, wherever it lives.
+    await this.cfg.ovs.deletePort(this.cfg.bridge, port);
+    if (this.link === "veth") await this.ipHost(["link", "del", port], [0, 1]);
+    const started = performance.now();
+    if (await this.exists(container)) {
+      await exec("ip", ["netns", "del", name], { okCodes: [0, 1] });
+    }
+    await this.waitGone(port, this.cfg.clearTimeoutMs ?? 5000);
+    return { waitMs: Math.round(performance.now() - started) };
+  }
+
+  private async waitGone(port: string, timeoutMs: number): Promise<void> {
+    const deadline = performance.now() + timeoutMs;
+    for (;;) {
+      const r = await this.ipHost(["link", "show", "dev", port], [0, 1]);
+      if (r.exitCode !== 0) return;
+      if (performance.now() > deadline) {
+        throw new FerryError("DeadlineExceeded", `interface ${port} still exists ${timeoutMs} ms after its namespace was deleted`, {
+          fix: `check what holds it (ip link show ${port}) and delete it`,
+        });
+      }
+      await new Promise((r) => setTimeout(r, POLL_MS));
+    }
+  }
+}
+
+async function addressesOf(ns: string): Promise<string[]> {
+  const r = await exec("ip", ["-n", ns, "-j", "-4", "addr", "show"]);
+  const links = JSON.parse(r.stdout || "[]") as Array<{ addr_info?: Array<{ local: string }> }>;
+  return links.flatMap((l) => (l.addr_info ?? []).map((a) => a.local));
+}
+
+let ipv6: Promise<boolean> | undefined;
+function hasIpv6(): Promise<boolean> {
+  ipv6 ??= access("/proc/net/if_inet6").then(
+    () => true,
+    () => false,
+  );
+  return ipv6;
+}

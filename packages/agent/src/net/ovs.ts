@@ -1,0 +1,389 @@
+import type { Flow } from "@ferry/api/agent";
+import { ExecError, FerryError, exec, validateInterfaceName, validateIpv4 } from "@ferry/common";
+
+/**
+ * Where one Open vSwitch instance listens. Every emulated host runs its own ovsdb-server and
+ * ovs-vswitchd, so nothing here may fall back to the system's default sockets.
+ */
+export interface OvsConfig {
+  /** The daemons' rundir: holds `<bridge>.mgmt` (OpenFlow) and `ovs-vswitchd.<pid>.ctl`. */
+  rundir: string;
+  /** ovsdb-server's socket, an absolute path (ovs-vsctl resolves relative ones against its rundir). */
+  dbSock: string;
+  /** Written to `external_ids:ferry-owner` of every bridge and port Ferry creates. Default "ferry". */
+  owner?: string;
+  /** Per-command time limit, default 20 s. */
+  timeoutMs?: number;
+}
+
+export interface PortOptions {
+  /** Interface type: "" (system device), "internal", "vxlan", ... */
+  type?: string;
+  /** `options:<k>=<v>` of the interface. */
+  options?: Record<string, string>;
+  /** Pinned OpenFlow port number (`ofport_request`), 1..65279. */
+  ofport?: number;
+  /** Extra `external_ids` of the port (besides ferry-owner). */
+  externalIds?: Record<string, string>;
+}
+
+export interface VxlanPortOptions {
+  remoteIp: string;
+  localIp?: string;
+  /** VXLAN network identifier, sent as OVS `options:key`. */
+  vni: number;
+  ofport?: number;
+}
+
+export interface BridgeOptions {
+  /** "secure": no implicit NORMAL flow, an empty table drops (Ferry's overlay bridge). */
+  failMode?: "secure" | "standalone";
+}
+
+/** The OpenFlow adapter Ferry's path switch and the agent's RPCs need; {@link Ovs} is the real one. */
+export interface OvsApi {
+  ensureBridge(name: string, datapathType?: string, opts?: BridgeOptions): Promise<void>;
+  addPort(bridge: string, port: string, opts?: PortOptions): Promise<number>;
+  deletePort(bridge: string, port: string): Promise<void>;
+  addVxlanPort(bridge: string, port: string, opts: VxlanPortOptions): Promise<number>;
+  ofportOf(port: string): Promise<number>;
+  setFlows(bridge: string, flows: readonly Flow[]): Promise<{ durationMs: number }>;
+  deleteFlows(bridge: string, cookie: number): Promise<void>;
+  listFlows(bridge: string): Promise<Flow[]>;
+}
+
+/** OpenFlow 1.4 is the first version with bundles (atomic multi-rule transactions). */
+const OF_VERSION = "OpenFlow14";
+const BRIDGE_PROTOCOLS = "OpenFlow10,OpenFlow13,OpenFlow14,OpenFlow15";
+const MAX_OFPORT = 0xfeff; // OFPP_MAX: numbers above are reserved (LOCAL, CONTROLLER...)
+const DEFAULT_PRIORITY = 32768;
+
+// match/actions: the ovs-ofctl syntax needs letters, digits and ,.:=/_-()[]>{}+ and spaces.
+// Anything else (newline, ';', '#', quotes, '$', '|', '&', '\') is refused: a newline would
+// inject a second flow_mod line into the bundle file, '#' would comment out the rest.
+const FLOW_TEXT = /^[A-Za-z0-9_.:,=/()[\]{}>+\- ]*$/;
+// keys that Ferry sets itself; a match carrying them would escape the cookie bookkeeping.
+const RESERVED_MATCH_KEYS = /(^|[,\s])(cookie|table|priority|actions|idle_timeout|hard_timeout|importance|out_port|out_group)\s*=/;
+const OPTION_KEY = /^[a-z0-9_:-]{1,64}$/;
+const OPTION_VALUE = /^[A-Za-z0-9_.:/-]{0,200}$/;
+
+/** Check one Flow's fields; the error names `<field>[i].<key>` and says what is allowed. */
+export function validateFlow(f: Flow, field = "flows[0]"): void {
+  if (!Number.isInteger(f.table) || f.table < 0 || f.table > 254) {
+    throw FerryError.invalid(`${field}.table`, `table ${f.table} is out of range`, "use a table number 0-254");
+  }
+  if (!Number.isInteger(f.priority) || f.priority < 0 || f.priority > 65535) {
+    throw FerryError.invalid(`${field}.priority`, `priority ${f.priority} is out of range`, "use a priority 0-65535");
+  }
+  validateCookie(`${field}.cookie`, f.cookie);
+  if (f.cookie === 0) {
+    throw FerryError.invalid(
+      `${field}.cookie`,
+      "cookie 0 is not allowed",
+      "tag every rule with a non-zero cookie (SetFlows replaces rules by cookie)",
+    );
+  }
+  if (!FLOW_TEXT.test(f.match) || f.match.length > 1000) {
+    throw FerryError.invalid(
+      `${field}.match`,
+      `"${f.match}" has characters outside ovs-ofctl match syntax`,
+      'write an ovs-ofctl match such as "ip,nw_dst=10.77.0.10" (letters, digits, ,.:=/_-()[]{}>+ and spaces)',
+    );
+  }
+  if (RESERVED_MATCH_KEYS.test(f.match)) {
+    throw FerryError.invalid(
+      `${field}.match`,
+      `"${f.match}" sets a field that belongs in table/priority/cookie/actions`,
+      "put only match fields in match; use the table, priority and cookie fields",
+    );
+  }
+  if (!f.actions.trim() || !FLOW_TEXT.test(f.actions) || f.actions.length > 1000) {
+    throw FerryError.invalid(
+      `${field}.actions`,
+      `"${f.actions}" is empty or has characters outside ovs-ofctl action syntax`,
+      'write ovs-ofctl actions such as "output:7" or "drop"',
+    );
+  }
+}
+
+function validateCookie(field: string, cookie: number): void {
+  if (!Number.isSafeInteger(cookie) || cookie < 0) {
+    throw FerryError.invalid(
+      field,
+      `cookie ${cookie} is not an integer in 0..2^53-1`,
+      "use a non-negative integer below 2^53 (JavaScript numbers carry no more)",
+    );
+  }
+}
+
+function validateOfport(field: string, ofport: number | undefined): void {
+  if (ofport === undefined || ofport === 0) return;
+  if (!Number.isInteger(ofport) || ofport < 1 || ofport > MAX_OFPORT) {
+    throw FerryError.invalid(field, `ofport ${ofport} is out of range`, `use 1-${MAX_OFPORT}, or 0 to let OVS pick one`);
+  }
+}
+
+function hexCookie(c: number): string {
+  return "0x" + BigInt(c).toString(16);
+}
+
+/** One flow as a flow_mod line of an `ovs-ofctl add-flows` file. */
+export function flowLine(f: Flow): string {
+  const match = f.match.trim();
+  return `add table=${f.table},priority=${f.priority},cookie=${hexCookie(f.cookie)}${match ? "," + match : ""},actions=${f.actions.trim()}`;
+}
+
+/**
+ * The bundle file for "replace every rule of these cookies by these rules": one
+ * `delete cookie=X/-1` per cookie, then the adds. Applied with `--bundle`, it is one atomic
+ * transaction: a packet sees either the old rules or the new ones, never none.
+ */
+export function setFlowsFile(flows: readonly Flow[]): string {
+  const cookies = [...new Set(flows.map((f) => f.cookie))];
+  const lines = cookies.map((c) => `delete cookie=${hexCookie(c)}/-1`);
+  for (const f of flows) lines.push(flowLine(f));
+  return lines.join("\n") + "\n";
+}
+
+const STAT_KEYS = new Set([
+  "duration",
+  "n_packets",
+  "n_bytes",
+  "idle_age",
+  "hard_age",
+  "idle_timeout",
+  "hard_timeout",
+  "importance",
+  "send_flow_rem",
+  "reset_counts",
+  "no_packet_counts",
+  "no_byte_counts",
+  "check_overlap",
+]);
+
+/** Parse `ovs-ofctl dump-flows` output into Flows (statistics dropped, priority defaulted). */
+export function parseDumpFlows(text: string): Flow[] {
+  const flows: Flow[] = [];
+  for (const raw of text.split("\n")) {
+    const line = raw.trim();
+    const at = line.indexOf(" actions=");
+    if (!line || line.startsWith("OFPST_") || line.startsWith("NXST_") || at < 0) continue;
+    const head = line.slice(0, at).trim();
+    const actions = line.slice(at + " actions=".length).trim();
+    let table = 0;
+    let priority = DEFAULT_PRIORITY;
+    let cookie = 0;
+    const match: string[] = [];
+    // the head is "cookie=0x5, duration=1s, table=0, ..., priority=100,ip,nw_dst=10.77.0.10":
+    // statistics are separated by ", ", the match itself by ",".
+    for (const tok of head.split(/,\s*/)) {
+      if (!tok) continue;
+      const eq = tok.indexOf("=");
+      const key = eq < 0 ? tok : tok.slice(0, eq);
+      const val = eq < 0 ? "" : tok.slice(eq + 1);
+      if (key === "cookie") cookie = Number(BigInt(val));
+      else if (key === "table") table = Number(val);
+      else if (key === "priority") priority = Number(val);
+      else if (!STAT_KEYS.has(key)) match.push(tok);
+    }
+    flows.push({ table, priority, match: match.join(","), actions, cookie });
+  }
+  return flows;
+}
+
+/**
+ * One Open vSwitch instance, driven through ovs-vsctl / ovs-ofctl / ovs-appctl. Every method is
+ * safe to call twice; what it creates is tagged `external_ids:ferry-owner`.
+ */
+export class Ovs implements OvsApi {
+  private readonly owner: string;
+  private readonly env: NodeJS.ProcessEnv;
+
+  constructor(private readonly cfg: OvsConfig) {
+    if (!cfg.dbSock.startsWith("/"))
+      throw FerryError.invalid("ovs.dbSock", `"${cfg.dbSock}" is not absolute`, "give the ovsdb-server socket as an absolute path");
+    this.owner = cfg.owner ?? "ferry";
+    // ovs-ofctl finds <rundir>/<bridge>.mgmt, ovs-appctl <rundir>/ovs-vswitchd.pid, through OVS_RUNDIR.
+    this.env = { ...process.env, OVS_RUNDIR: cfg.rundir };
+  }
+
+  get config(): Readonly<OvsConfig> {
+    return this.cfg;
+  }
+
+  /** Run ovs-vsctl against this instance's database. */
+  async vsctl(args: readonly string[], okCodes?: number[]): Promise<string> {
+    return this.run("ovs-vsctl", [`--db=unix:${this.cfg.dbSock}`, "--timeout=10", ...args], okCodes);
+  }
+
+  async ofctl(args: readonly string[], input?: string): Promise<string> {
+    return this.run("ovs-ofctl", args, undefined, input);
+  }
+
+  async appctl(args: readonly string[]): Promise<string> {
+    return this.run("ovs-appctl", args);
+  }
+
+  private async run(cmd: string, args: readonly string[], okCodes?: number[], input?: string): Promise<string> {
+    try {
+      const r = await exec(cmd, args, {
+        env: this.env,
+        timeoutMs: this.cfg.timeoutMs ?? 20_000,
+        ...(okCodes ? { okCodes } : {}),
+        ...(input !== undefined ? { input } : {}),
+      });
+      return r.stdout;
+    } catch (e) {
+      if (
+        e instanceof ExecError &&
+        /database connection failed|failed to connect to socket|No such file or directory.*\.mgmt|cannot find pidfile/i.test(e.stderr)
+      ) {
+        throw new FerryError("Unavailable", `Open vSwitch is not reachable (${cmd}): ${e.stderr.trim().split("\n").pop()}`, {
+          fix: `start ovsdb-server/ovs-vswitchd with rundir ${this.cfg.rundir} and socket ${this.cfg.dbSock}`,
+          cause: e,
+        });
+      }
+      throw e;
+    }
+  }
+
+  private ownerIds(kind: "bridge" | "port", name: string, extra: Record<string, string> = {}): string[] {
+    const ids = Object.entries({ "ferry-owner": this.owner, ...extra }).map(([k, v]) => {
+      if (!OPTION_KEY.test(k) || !OPTION_VALUE.test(v))
+        throw FerryError.invalid(
+          `${kind}.external_ids.${k}`,
+          `"${k}=${v}" is not a plain key/value`,
+          "use [a-z0-9_:-] keys and [A-Za-z0-9_.:/-] values",
+        );
+      return `external_ids:${k}=${v}`;
+    });
+    return ["--", "set", kind === "bridge" ? "Bridge" : "Port", name, ...ids];
+  }
+
+  async ensureBridge(name: string, datapathType = "netdev", opts: BridgeOptions = {}): Promise<void> {
+    validateInterfaceName("bridge", name);
+    if (datapathType !== "netdev" && datapathType !== "system") {
+      throw FerryError.invalid(
+        "datapath_type",
+        `"${datapathType}" is not a datapath type`,
+        'use "netdev" (userspace) or "system" (kernel module)',
+      );
+    }
+    // --may-exist plus "set" in the same transaction: an existing bridge converges to the spec.
+    const set = ["--", "set", "Bridge", name, `datapath_type=${datapathType}`, `protocols=${BRIDGE_PROTOCOLS}`];
+    if (opts.failMode) set.push(`fail_mode=${opts.failMode}`);
+    await this.vsctl(["--may-exist", "add-br", name, ...set, ...this.ownerIds("bridge", name)]);
+  }
+
+  async addPort(bridge: string, port: string, opts: PortOptions = {}): Promise<number> {
+    validateInterfaceName("bridge", bridge);
+    validateInterfaceName("port", port);
+    validateOfport("ofport", opts.ofport);
+    const iface: string[] = [];
+    if (opts.type !== undefined) {
+      if (!/^[a-z0-9_]{0,20}$/.test(opts.type))
+        throw FerryError.invalid("type", `"${opts.type}" is not an interface type`, 'use e.g. "internal" or "vxlan"');
+      iface.push(`type=${opts.type}`);
+    }
+    for (const [k, v] of Object.entries(opts.options ?? {})) {
+      if (!OPTION_KEY.test(k) || !OPTION_VALUE.test(v))
+        throw FerryError.invalid(`options.${k}`, `"${k}=${v}" is not a plain option`, "use [a-z0-9_:-] keys and [A-Za-z0-9_.:/-] values");
+      iface.push(`options:${k}=${v}`);
+    }
+    if (opts.ofport) iface.push(`ofport_request=${opts.ofport}`);
+    const args = ["--may-exist", "add-port", bridge, port];
+    if (iface.length) args.push("--", "set", "Interface", port, ...iface);
+    args.push(...this.ownerIds("port", port, opts.externalIds));
+    try {
+      await this.vsctl(args);
+    } catch (e) {
+      if (e instanceof ExecError && /already exists on bridge/.test(e.stderr)) {
+        throw new FerryError("AlreadyExists", `port: "${port}" already exists on another bridge`, {
+          field: "port",
+          fix: "delete it there first or pick another port name",
+          cause: e,
+        });
+      }
+      throw e;
+    }
+    const ofport = await this.ofportOf(port);
+    if (opts.ofport && ofport !== opts.ofport) {
+      throw new FerryError(
+        "AlreadyExists",
+        `ofport: ${opts.ofport} requested for "${port}" but OVS gave ${ofport} (taken by another port?)`,
+        {
+          field: "ofport",
+          fix: "pick a free ofport or delete the port holding it",
+        },
+      );
+    }
+    return ofport;
+  }
+
+  async deletePort(bridge: string, port: string): Promise<void> {
+    validateInterfaceName("bridge", bridge);
+    validateInterfaceName("port", port);
+    await this.vsctl(["--if-exists", "del-port", bridge, port]);
+  }
+
+  async addVxlanPort(bridge: string, port: string, opts: VxlanPortOptions): Promise<number> {
+    validateIpv4("remote_ip", opts.remoteIp);
+    if (opts.localIp) validateIpv4("local_ip", opts.localIp);
+    if (!Number.isInteger(opts.vni) || opts.vni < 0 || opts.vni > 0xffffff) {
+      throw FerryError.invalid("vni", `VNI ${opts.vni} is out of range`, "use 0-16777215");
+    }
+    const options: Record<string, string> = { remote_ip: opts.remoteIp, key: String(opts.vni) };
+    if (opts.localIp) options.local_ip = opts.localIp;
+    return this.addPort(bridge, port, { type: "vxlan", options, ...(opts.ofport ? { ofport: opts.ofport } : {}) });
+  }
+
+  /** The OpenFlow port number of an interface; NotFound when OVS has no such interface. */
+  async ofportOf(port: string): Promise<number> {
+    validateInterfaceName("port", port);
+    const out = await this.vsctl([
+      "--columns=ofport,error",
+      "--format=csv",
+      "--data=bare",
+      "--no-headings",
+      "find",
+      "Interface",
+      `name=${port}`,
+    ]);
+    const line = out.trim();
+    if (!line) throw FerryError.notFound("OVS interface", port, "add the port first");
+    const [ofportRaw, ...errParts] = line.split(",");
+    const ofport = Number(ofportRaw);
+    if (!Number.isInteger(ofport) || ofport <= 0) {
+      throw new FerryError(
+        "FailedPrecondition",
+        `OVS interface "${port}" has no OpenFlow port: ${errParts.join(",").replace(/^"|"$/g, "") || "not attached"}`,
+        {
+          fix: "check the interface exists in the bridge's network namespace (ovs-vsctl list interface)",
+        },
+      );
+    }
+    return ofport;
+  }
+
+  async setFlows(bridge: string, flows: readonly Flow[]): Promise<{ durationMs: number }> {
+    validateInterfaceName("bridge", bridge);
+    flows.forEach((f, i) => validateFlow(f, `flows[${i}]`));
+    const started = performance.now();
+    if (flows.length) {
+      // "-" = read the flow_mods from stdin; --bundle makes delete+add one atomic OF1.4 transaction.
+      await this.ofctl(["-O", OF_VERSION, "--bundle", "add-flows", bridge, "-"], setFlowsFile(flows));
+    }
+    return { durationMs: performance.now() - started };
+  }
+
+  async deleteFlows(bridge: string, cookie: number): Promise<void> {
+    validateInterfaceName("bridge", bridge);
+    validateCookie("cookie", cookie);
+    await this.ofctl(["-O", OF_VERSION, "del-flows", bridge, `cookie=${hexCookie(cookie)}/-1`]);
+  }
+
+  async listFlows(bridge: string): Promise<Flow[]> {
+    validateInterfaceName("bridge", bridge);
+    return parseDumpFlows(await this.ofctl(["-O", OF_VERSION, "--no-stats", "dump-flows", bridge]));
+  }
+}
