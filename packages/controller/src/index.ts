@@ -1,2 +1,3 @@
 export * from "./controller.js";
 export * from "./hosts.js";
+export * from "./sdn/index.js";

@@ -1,0 +1,3 @@
+export * from "./types.js";
+export * from "./ovs.js";
+export * from "./onos.js";
