@@ -23,7 +23,7 @@ CRIU_SUITE=${FERRY_CRIU_SUITE:-sid}
 PACKAGES=(
   runc openvswitch-switch iproute2 iptables nftables iperf3 sockperf openssl tini
   openssh-server openssh-client procps util-linux kmod tar xz-utils ca-certificates curl
-  gcc libc6-dev busybox-static
+  gcc libc6-dev busybox-static ethtool
 )
 
 export DEBIAN_FRONTEND=noninteractive

@@ -35,6 +35,10 @@ beforeAll(async () => {
     security: pki.security("edge-a"),
     criuPath: "criu",
     runcPath: "runc",
+    netnsPrefix: "ferry-tmtls-",
+    ovs: { rundir: path.join(state, "ovs"), dbSock: path.join(state, "ovs/db.sock") },
+    bridge: "br-ferry",
+    pageServerAddress: "127.0.0.1",
   });
   const ctl = pki.security("controller");
   controller = await startController({

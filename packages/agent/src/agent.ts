@@ -1,22 +1,42 @@
+// The agent: every AgentService RPC, as a thin translation onto its parts —
+//   ContainerRuntime (runc + CRIU), BlobStore (images, upper dirs, checkpoints), NetNs + Ovs
+//   (namespaces, the overlay bridge, flows), HostResources (capacity and use).
+// Mutating calls run once per operation key (ops.ts).
 import { mkdir } from "node:fs/promises";
 import path from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
-import * as agentApi from "@ferry/api/agent";
-import { AgentServiceService, type GetCapabilitiesResponse } from "@ferry/api/agent";
+import {
+  AgentServiceService,
+  BlobKind,
+  ContainerState,
+  type ContainerInfo,
+  type ContainerResources,
+  type ContainerSpec,
+  type GetCapabilitiesResponse,
+  type NetworkSpec,
+} from "@ferry/api/agent";
+import { PROTO_ROOT } from "@ferry/api/proto-root";
 import {
   FerryError,
+  isFerryError,
+  macFromIp,
+  parseIpv4Cidr,
   serve,
   silentLogger,
+  validateName,
   type AccessPolicy,
   type Logger,
   type RunningServer,
   type Security,
   type ServiceImpl,
 } from "@ferry/common";
-import { PROTO_ROOT } from "@ferry/api/proto-root";
 import { probeCapabilities } from "./capabilities.js";
+import { Failpoints } from "./failpoints.js";
+import { NetNs, Ovs, portNameFor } from "./net/index.js";
 import { OperationLog, idempotent } from "./ops.js";
 import { HostResources } from "./resources.js";
+import { ContainerRuntime, Criu, Runc } from "./runtime/index.js";
+import { BlobStore, agentServiceDefinition, createStoreService, grpcPeerClients } from "./store/index.js";
 
 export const AGENT_VERSION = "0.1.0";
 
@@ -29,6 +49,14 @@ export interface AgentConfig {
   security: Security;
   criuPath: string;
   runcPath: string;
+  /** Namespace name prefix: "ferry-" gives /run/netns/ferry-<container>. Emulated hosts sharing a machine need their own. */
+  netnsPrefix: string;
+  /** This host's OVS instance (its ovsdb socket and run dir) and the overlay bridge. */
+  ovs: { rundir: string; dbSock: string };
+  bridge: string;
+  /** Address CRIU page servers listen on (the host's underlay address). */
+  pageServerAddress: string;
+  failpoints?: string;
   log?: Logger;
 }
 
@@ -40,71 +68,303 @@ export const AGENT_ACCESS: AccessPolicy = {
   methods: { readBlob: ["controller", "agent"] },
 };
 
-function notYet(rpc: string): never {
-  throw new FerryError("FailedPrecondition", `${rpc} is not available in this agent build`, { fix: "upgrade the agent" });
-}
-
 export interface Agent {
   impl: Impl;
   capabilities: GetCapabilitiesResponse;
+  runtime: ContainerRuntime;
+  store: BlobStore;
+  netns: NetNs;
+}
+
+function validateSpec(spec: ContainerSpec | undefined): ContainerSpec & { network: NetworkSpec } {
+  if (!spec) throw FerryError.invalid("spec", "is required", "send the container's spec");
+  validateName("spec.name", spec.name);
+  if (!spec.image) throw FerryError.invalid("spec.image", "is required", "give an image name or its sha256 digest");
+  if (spec.args.length === 0)
+    throw FerryError.invalid("spec.args", "is empty", 'give the command to run, e.g. ["/bin/ferry-echo", "7000"]');
+  if (!spec.network?.ipCidr)
+    throw FerryError.invalid("spec.network.ip_cidr", "is required", 'give the container\'s overlay address, e.g. "10.77.0.10/24"');
+  const { ip } = parseIpv4Cidr("spec.network.ip_cidr", spec.network.ipCidr);
+  return { ...spec, network: { ...spec.network, mac: spec.network.mac || macFromIp(ip) } };
 }
 
 /** Build the agent's service implementation from its parts. */
 export async function createAgent(cfg: AgentConfig): Promise<Agent> {
   const log = cfg.log ?? silentLogger;
+  const fail = new Failpoints(cfg.failpoints ?? "");
   await mkdir(cfg.stateDir, { recursive: true });
   const capabilities = await probeCapabilities({ criuPath: cfg.criuPath, runcPath: cfg.runcPath, agentVersion: AGENT_VERSION });
   capabilities.hostname = cfg.name;
+  const criu = new Criu({ path: cfg.criuPath });
+  // CRIU re-probes kernel features on every call unless its cache sits on tmpfs: prime it once.
+  await criu.primeKdatCache().catch((e: unknown) => log.warn({ err: e }, "criu kdat cache not primed"));
+  const runtime = new ContainerRuntime({
+    stateDir: cfg.stateDir,
+    runc: new Runc({ root: path.join(cfg.stateDir, "runc"), criuPath: cfg.criuPath, binary: cfg.runcPath, log }),
+    criu,
+    agentId: cfg.name,
+    log,
+  });
+  const store = new BlobStore({ root: path.join(cfg.stateDir, "store"), log });
+  await store.init();
+  const ovs = new Ovs({ rundir: cfg.ovs.rundir, dbSock: cfg.ovs.dbSock, owner: cfg.name });
+  const netns = new NetNs({ prefix: cfg.netnsPrefix, ovs, bridge: cfg.bridge });
   const resources = new HostResources(cfg.stateDir);
   const ops = new OperationLog(path.join(cfg.stateDir, "ops"));
-  log.info({ criu: capabilities.criu?.version, kernel: capabilities.kernel }, "agent capabilities probed");
+  const storeImpl = createStoreService({ store, peerClient: grpcPeerClients(cfg.security), log });
+  const { containers, orphans } = await runtime.rediscover();
+  log.info({ criu: capabilities.criu?.version, kernel: capabilities.kernel, containers: containers.length, orphans }, "agent started");
+
+  /** The container's spec as stored, with the ofport its interface really has. */
+  async function withOfport(info: ContainerInfo): Promise<ContainerInfo> {
+    const net = info.spec?.network;
+    if (!info.spec || !net || net.ofport) return info;
+    const ofport = await ovs.ofportOf(portNameFor(cfg.netnsPrefix, info.spec.name)).catch(() => 0);
+    return { ...info, spec: { ...info.spec, network: { ...net, ofport } } };
+  }
+
+  async function containerResources(): Promise<ContainerResources[]> {
+    const list = await runtime.list();
+    return Promise.all(
+      list.map(async (c) => {
+        const running = c.state === ContainerState.CONTAINER_STATE_RUNNING;
+        const usage = running ? await runtime.usage(c.spec!.name, 200).catch(() => undefined) : undefined;
+        return {
+          name: c.spec?.name ?? "",
+          state: c.state,
+          cpuMillicores: c.spec?.cpuMillicores ?? 0,
+          memoryLimitBytes: c.spec?.memoryLimitBytes ?? 0,
+          ...(usage ? { usage } : {}),
+        };
+      }),
+    );
+  }
 
   const impl: Impl = {
+    ...storeImpl,
     getCapabilities: () => Promise.resolve(capabilities),
     getResources: async () => {
-      const s = await resources.sample();
-      return { capacity: s.capacity, free: s.free, used: s.used, containers: [], sampledAt: new Date() };
+      const [s, cs] = await Promise.all([resources.sample(), containerResources()]);
+      return { capacity: s.capacity, free: s.free, used: s.used, containers: cs, sampledAt: new Date() };
     },
     streamMetrics: async function* (req, ctx) {
       const interval = req.intervalMs === 0 ? 1000 : req.intervalMs;
-      if (interval < 100 || interval > 60_000) throw FerryError.invalid("interval_ms", `${interval} is out of range`, "use 100..60000 ms");
+      if (interval < 100 || interval > 60_000)
+        throw FerryError.invalid("interval_ms", `${interval} is out of range`, "use 100..60000 ms, or 0 for 1000");
       while (!ctx.signal.aborted) {
-        const s = await resources.sample();
-        yield { hostname: cfg.name, sampledAt: new Date(), capacity: s.capacity, used: s.used, containers: [] };
+        const [s, cs] = await Promise.all([resources.sample(), containerResources()]);
+        yield { hostname: cfg.name, sampledAt: new Date(), capacity: s.capacity, used: s.used, containers: cs };
         await sleep(interval, undefined, { signal: ctx.signal }).catch(() => undefined);
       }
     },
-    createContainer: () => notYet("CreateContainer"),
-    startContainer: () => notYet("StartContainer"),
-    stopContainer: () => notYet("StopContainer"),
-    deleteContainer: () => notYet("DeleteContainer"),
-    listContainers: () => Promise.resolve({ containers: [] }),
-    inspectContainer: () => notYet("InspectContainer"),
-    readContainerLog: () => notYet("ReadContainerLog"),
-    hasBlobs: () => notYet("HasBlobs"),
-    pushBlob: () => notYet("PushBlob"),
-    getBlobStatus: () => notYet("GetBlobStatus"),
-    readBlob: () => notYet("ReadBlob"),
-    pullBlob: () => notYet("PullBlob"),
-    tagImage: () => notYet("TagImage"),
-    listImages: () => Promise.resolve({ images: [] }),
-    deleteBlob: () => notYet("DeleteBlob"),
-    checkpoint: () => notYet("Checkpoint"),
-    exportCheckpoint: () => notYet("ExportCheckpoint"),
-    restore: () => notYet("Restore"),
-    deleteCheckpoint: () => notYet("DeleteCheckpoint"),
-    startPageServer: () => notYet("StartPageServer"),
-    stopPageServer: () => notYet("StopPageServer"),
-    createNetns: () => notYet("CreateNetns"),
-    clearNetns: () => notYet("ClearNetns"),
-    ensureBridge: () => notYet("EnsureBridge"),
-    addVxlanPort: () => notYet("AddVxlanPort"),
-    deletePort: () => notYet("DeletePort"),
-    setFlows: () => notYet("SetFlows"),
-    deleteFlows: () => notYet("DeleteFlows"),
-    listFlows: () => notYet("ListFlows"),
+
+    // --- containers --------------------------------------------------------------------------
+    createContainer: async (req) => {
+      fail.check("createContainer");
+      const spec = validateSpec(req.spec);
+      const digest = await store.resolveImage(spec.image, "spec.image");
+      if (
+        await runtime.inspect(spec.name).then(
+          () => true,
+          (e: unknown) => !isFerryError(e, "NotFound"),
+        )
+      ) {
+        throw new FerryError("AlreadyExists", `container "${spec.name}" already exists on ${cfg.name}`, {
+          field: "spec.name",
+          fix: "pick another name, or delete the existing container first",
+        });
+      }
+      const lowerDir = await store.lowerDir(digest);
+      let network = spec.network;
+      if (req.createNetns) {
+        const n = await netns.create(spec.name, {
+          ipCidr: network.ipCidr,
+          mac: network.mac,
+          ...(network.gateway ? { gateway: network.gateway } : {}),
+          ...(network.ofport ? { ofport: network.ofport } : {}),
+        });
+        network = { ...network, ofport: n.ofport, mac: n.mac };
+      } else if (!(await netns.exists(spec.name))) {
+        throw new FerryError("FailedPrecondition", `the network namespace of "${spec.name}" does not exist`, {
+          field: "create_netns",
+          fix: "set create_netns, or call CreateNetns first",
+        });
+      }
+      try {
+        const container = await runtime.create({ ...spec, network }, { lowerDir, netnsPath: netns.path(spec.name), imageDigest: digest });
+        return { container };
+      } catch (e) {
+        if (req.createNetns) await netns.clear(spec.name).catch(() => undefined);
+        throw e;
+      }
+    },
+    startContainer: async (req) => ({ container: await withOfport(await runtime.start(validateName("name", req.name))) }),
+    stopContainer: async (req) => ({
+      container: await withOfport(await runtime.stop(validateName("name", req.name), req.timeoutMs || 5000)),
+    }),
+    deleteContainer: async (req) => {
+      const name = validateName("name", req.name);
+      await runtime.delete(name, { force: req.force });
+      if (!req.keepNetns && (await netns.exists(name))) await netns.clear(name);
+      return {};
+    },
+    listContainers: async () => ({ containers: await Promise.all((await runtime.list()).map(withOfport)) }),
+    inspectContainer: async (req) => ({ container: await withOfport(await runtime.inspect(validateName("name", req.name))) }),
+    readContainerLog: async function* (req, ctx) {
+      const name = validateName("name", req.name);
+      let offset = req.offset;
+      for (;;) {
+        const { data, nextOffset } = await runtime.logs(name, { offset, maxBytes: 1 << 20 });
+        if (data.length > 0) yield { data, nextOffset };
+        offset = nextOffset;
+        if (data.length === 0 && !req.follow) return;
+        if (data.length === 0) await sleep(200, undefined, { signal: ctx.signal }).catch(() => undefined);
+        if (ctx.signal.aborted) return;
+      }
+    },
+
+    // --- checkpoint and restore ----------------------------------------------------------------
+    checkpoint: async (req) => {
+      fail.check("checkpoint");
+      const name = validateName("name", req.name);
+      if (capabilities.criu?.checkOk !== true) {
+        throw new FerryError(
+          "FailedPrecondition",
+          `CRIU on ${cfg.name} is missing or fails \`criu check\` (version "${capabilities.criu?.version ?? ""}")`,
+          {
+            fix: "run deploy/host/setup.sh on this host: it installs CRIU 4.2",
+          },
+        );
+      }
+      const r = await runtime.checkpoint(name, {
+        tcpEstablished: req.tcpEstablished,
+        leaveRunning: req.leaveRunning,
+        ...(req.pageServer?.address ? { pageServer: { address: req.pageServer.address, port: req.pageServer.port } } : {}),
+      });
+      const { raw: _raw, ...stats } = r.stats;
+      return { checkpointId: r.checkpointId, stats, connections: r.connections, spec: r.spec, imageDigest: r.imageDigest };
+    },
+    exportCheckpoint: async (req) => {
+      const started = performance.now();
+      const name = validateName("name", req.name);
+      const [checkpoint, upper] = await Promise.all([
+        store.packDir(runtime.checkpointDir(req.checkpointId), BlobKind.BLOB_KIND_CHECKPOINT),
+        store.packDir(runtime.upperDir(name), BlobKind.BLOB_KIND_UPPER),
+      ]);
+      return { checkpoint, upper, durationMs: Math.round(performance.now() - started) };
+    },
+    restore: async (req) => {
+      fail.check("restore");
+      const started = performance.now();
+      const spec = validateSpec(req.spec);
+      if (!(await netns.exists(spec.name))) {
+        throw new FerryError("FailedPrecondition", `the network namespace of "${spec.name}" does not exist on ${cfg.name}`, {
+          fix: "create it (CreateNetns, locked) before restoring",
+        });
+      }
+      // A destination may know the image by digest only (pulled for this migration).
+      const digest = req.imageDigest
+        ? await store.resolveImage(req.imageDigest, "image_digest")
+        : await store.resolveImage(spec.image, "spec.image");
+      const lowerDir = await store.lowerDir(digest);
+      let checkpointDir: string;
+      if (req.checkpointBlob?.digest) {
+        // Blobs are tars: unpack straight from the store's file.
+        const id = `${spec.name}-${req.checkpointBlob.digest.slice(7, 19)}`;
+        // A retried restore unpacks again: a half-unpacked directory must not be restored from.
+        await runtime.deleteCheckpoint(id).catch(() => undefined);
+        checkpointDir = await runtime.unpackCheckpoint(id, await store.pathOf(req.checkpointBlob.digest));
+        if (req.upperBlob?.digest) await runtime.unpackUpper(spec.name, await store.pathOf(req.upperBlob.digest));
+      } else if (req.checkpointId) {
+        checkpointDir = runtime.checkpointDir(req.checkpointId);
+      } else {
+        throw FerryError.invalid(
+          "checkpoint_id",
+          "neither checkpoint_id nor checkpoint_blob given",
+          "name a checkpoint held here or the blobs pulled from the source",
+        );
+      }
+      const unpackMs = Math.round(performance.now() - started);
+      const r = await runtime.restore(spec, {
+        checkpointDir,
+        lowerDir,
+        netnsPath: netns.path(spec.name),
+        tcpEstablished: req.tcpEstablished,
+        imageDigest: digest,
+      });
+      return {
+        container: await withOfport(r.container),
+        stats: { unpackMs, restoreMs: r.stats.restoreMs, forkingMs: r.stats.forkingMs, totalMs: Math.round(performance.now() - started) },
+      };
+    },
+    deleteCheckpoint: async (req) => {
+      await runtime.deleteCheckpoint(req.checkpointId);
+      return {};
+    },
+    startPageServer: async (req) => {
+      const r = await runtime.startPageServer(req.checkpointId, { address: req.address || cfg.pageServerAddress, port: req.port });
+      return { address: r.address, port: r.port };
+    },
+    stopPageServer: async (req) => {
+      await runtime.stopPageServer(req.checkpointId);
+      return {};
+    },
+
+    // --- network -------------------------------------------------------------------------------
+    createNetns: async (req) => {
+      fail.check("createNetns");
+      const container = validateName("container", req.container);
+      const net = req.network;
+      if (!net?.ipCidr)
+        throw FerryError.invalid("network.ip_cidr", "is required", 'give the container\'s overlay address, e.g. "10.77.0.10/24"');
+      const lock = req.networkLocked || req.networkLock.length > 0 ? req.networkLock : undefined;
+      const r = await netns.create(
+        container,
+        {
+          ipCidr: net.ipCidr,
+          ...(net.mac ? { mac: net.mac } : {}),
+          ...(net.gateway ? { gateway: net.gateway } : {}),
+          ...(net.ofport ? { ofport: net.ofport } : {}),
+        },
+        lock,
+      );
+      return { netnsPath: r.path, veth: r.veth, ofport: r.ofport, mac: r.mac };
+    },
+    clearNetns: async (req) => {
+      const container = validateName("container", req.container);
+      const st = await runtime.inspect(container).catch(() => undefined);
+      if (st?.state === ContainerState.CONTAINER_STATE_RUNNING) {
+        throw new FerryError("FailedPrecondition", `container "${container}" still runs in this namespace`, {
+          fix: "checkpoint or stop it first",
+        });
+      }
+      return netns.clear(container);
+    },
+    ensureBridge: async (req) => {
+      const dp = req.datapathType || "netdev";
+      await ovs.ensureBridge(req.bridge || cfg.bridge, dp);
+      return { bridge: req.bridge || cfg.bridge, datapathType: dp };
+    },
+    addVxlanPort: async (req) => ({
+      ofport: await ovs.addVxlanPort(req.bridge || cfg.bridge, req.port, {
+        remoteIp: req.remoteIp,
+        ...(req.localIp ? { localIp: req.localIp } : {}),
+        vni: req.vni,
+        ...(req.ofport ? { ofport: req.ofport } : {}),
+      }),
+    }),
+    deletePort: async (req) => {
+      await ovs.deletePort(req.bridge || cfg.bridge, req.port);
+      return {};
+    },
+    setFlows: async (req) => ({ durationMs: Math.round((await ovs.setFlows(req.bridge || cfg.bridge, req.flows)).durationMs) }),
+    deleteFlows: async (req) => {
+      await ovs.deleteFlows(req.bridge || cfg.bridge, req.cookie);
+      return {};
+    },
+    listFlows: async (req) => ({ flows: await ovs.listFlows(req.bridge || cfg.bridge) }),
   };
-  return { impl: idempotent(AgentServiceService, impl, ops), capabilities };
+  return { impl: idempotent(AgentServiceService, impl, ops), capabilities, runtime, store, netns };
 }
 
 export interface RunningAgent extends RunningServer {
@@ -117,13 +377,10 @@ export async function startAgent(cfg: AgentConfig): Promise<RunningAgent> {
   const server = await serve({
     address: cfg.listen,
     security: cfg.security,
-    services: [{ name: "ferry.agent.v1.AgentService", definition: AgentServiceService, impl: agent.impl, access: AGENT_ACCESS }],
+    services: [{ name: "ferry.agent.v1.AgentService", definition: agentServiceDefinition, impl: agent.impl, access: AGENT_ACCESS }],
     protoFiles: ["ferry/agent/v1/agent.proto"],
     protoRoot: PROTO_ROOT,
     ...(cfg.log ? { log: cfg.log } : {}),
   });
   return { ...server, agent };
 }
-
-/** The generated message types, for `connect()` to fill request defaults. */
-export { agentApi };

@@ -15,6 +15,14 @@ const HELP = `usage: ferry-agent --name NAME [--listen ADDR] [--state-dir DIR] (
   --insecure         no TLS, no client authentication: local experiments only
   --criu PATH        CRIU binary (default: criu on PATH)
   --runc PATH        runc binary (default: runc on PATH)
+  --netns-prefix P   container namespaces are /run/netns/<P><name> (default ferry-)
+  --ovs-rundir DIR   this host's OVS run dir (default /var/run/openvswitch)
+  --ovs-db SOCK      this host's ovsdb-server socket (default <ovs-rundir>/db.sock)
+  --bridge BR        the overlay bridge (default br-ferry)
+  --page-server-address IP
+                     where CRIU page servers listen (default: the --listen host)
+
+FERRY_FAILPOINTS (tests only) makes named RPCs fail on purpose, e.g. "restore=1".
 `;
 
 async function main(): Promise<void> {
@@ -28,6 +36,11 @@ async function main(): Promise<void> {
       insecure: { type: "boolean", default: false },
       criu: { type: "string", default: "criu" },
       runc: { type: "string", default: "runc" },
+      "netns-prefix": { type: "string", default: "ferry-" },
+      "ovs-rundir": { type: "string", default: "/var/run/openvswitch" },
+      "ovs-db": { type: "string" },
+      bridge: { type: "string", default: "br-ferry" },
+      "page-server-address": { type: "string" },
       help: { type: "boolean", short: "h" },
     },
     strict: true,
@@ -46,6 +59,11 @@ async function main(): Promise<void> {
     security,
     criuPath: values.criu,
     runcPath: values.runc,
+    netnsPrefix: values["netns-prefix"],
+    ovs: { rundir: values["ovs-rundir"], dbSock: values["ovs-db"] ?? `${values["ovs-rundir"]}/db.sock` },
+    bridge: values.bridge,
+    pageServerAddress: values["page-server-address"] ?? values.listen.replace(/:\d+$/, ""),
+    ...(process.env.FERRY_FAILPOINTS ? { failpoints: process.env.FERRY_FAILPOINTS } : {}),
     log,
   });
   log.info({ port: agent.port, security: security.mode }, "agent listening");

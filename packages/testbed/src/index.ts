@@ -6,3 +6,4 @@
 export * from "./testbed.js";
 export * from "./flows.js";
 export { startDaemon, stopDaemon, type DaemonSpec } from "./daemon.js";
+export * from "./agent-process.js";

@@ -228,6 +228,29 @@ export class Testbed {
     await tb.destroy();
   }
 
+  /** Root-namespace side of the link made by {@link attachRoot}: "fu" + 8 hex of the prefix's hash. */
+  get rootLink(): string {
+    return `fu${createHash("sha256").update(this.opts.prefix).digest("hex").slice(0, 8)}`;
+  }
+
+  /**
+   * Join the root namespace (where the controller, the CLI and tests run) to the underlay, at
+   * <underlayNet>.254: the controller reaches the agents over the same network they use between
+   * themselves. Returns that address.
+   */
+  async attachRoot(): Promise<string> {
+    const ip = `${this.underlayNet}.254`;
+    const link = this.rootLink;
+    await exec("ip", ["link", "add", link, "type", "veth", "peer", "name", "ulroot", "netns", this.underlayNs]);
+    await exec("ip", ["-n", this.underlayNs, "link", "set", "ulroot", "master", UNDERLAY_BRIDGE, "up"]);
+    // The far end of the underlay is OVS's userspace datapath (AF_PACKET on ul0), which passes a
+    // veth's partial checksums on to the host's tap, where the kernel drops them: TCP from here
+    // would never connect. Checksum in software on this side.
+    await exec("ethtool", ["-K", link, "tx", "off"]);
+    await exec("ip", ["-batch", "-"], { input: `addr add ${ip}/24 dev ${link}\nlink set ${link} up\n` });
+    return ip;
+  }
+
   host(name: string): EmulatedHost {
     const h = this.hosts.find((x) => x.name === name);
     if (!h) throw FerryError.notFound("testbed host", name);
@@ -412,6 +435,8 @@ export class Testbed {
       await attempt(() => rm(host.stateDir, { recursive: true, force: true }));
     }
     await attempt(() => delNetns(this.underlayNs));
+    // Deleting the underlay namespace removes the veth pair; wait until the root side is gone.
+    await attempt(() => waitLinkGone(this.rootLink));
     if (errors.length) {
       throw new FerryError(
         "Internal",
@@ -420,6 +445,16 @@ export class Testbed {
       );
     }
   }
+}
+
+async function waitLinkGone(link: string): Promise<void> {
+  for (let i = 0; i < 100; i++) {
+    const r = await exec("ip", ["link", "show", link], { okCodes: [0, 1] });
+    if (r.exitCode !== 0) return;
+    if (i === 20) await exec("ip", ["link", "del", link], { okCodes: [0, 1] });
+    await new Promise((res) => setTimeout(res, 50));
+  }
+  throw new FerryError("Internal", `link ${link} is still there after its namespace was deleted`);
 }
 
 async function delNetns(name: string): Promise<void> {

@@ -188,6 +188,9 @@ export class NetNs implements NetNsApi {
     }
     // Undo on failure: the namespace and the port must not outlive a failed create.
     try {
+      // The lock goes in before any link exists: a client retransmission that reached an
+      // unlocked namespace would meet no socket and get a RST (seen: one run in three).
+      if (lock) await this.lock(container);
       const got = this.link === "tap" ? await this.attachTap(name, port, ofport) : await this.attachVeth(name, port, ofport);
       const cmds = [
         ...(this.link === "tap" ? [`link set ${port} name eth0`] : []),
@@ -198,7 +201,6 @@ export class NetNs implements NetNsApi {
         ...(spec.gateway ? [`route add default via ${spec.gateway} dev eth0`] : []),
       ];
       await exec("ip", ["-n", name, "-batch", "-"], { input: cmds.join("\n") + "\n" });
-      if (lock) await this.lock(container);
       return { path, veth: port, ofport: got, mac };
     } catch (e) {
       await this.clear(container).catch(() => undefined);

@@ -1,0 +1,128 @@
+import { readFileSync } from "node:fs";
+import { describe, expect, it } from "vitest";
+import { ContainerState } from "@ferry/api/agent";
+import { encodeCriuStats, IMG_SERVICE_MAGIC, parseCriuStats, STATS_MAGIC } from "./criu-stats.js";
+import { KeyedMutex } from "./keyed-mutex.js";
+import { buildOciConfig, parseSsEstablished } from "./oci.js";
+import { validateCheckpointId } from "./container-runtime.js";
+
+const spec = {
+  name: "web",
+  image: "testkit",
+  args: ["/usr/local/bin/ferry-echo", "7000"],
+  env: ["A=1"],
+  cwd: "",
+  cpuMillicores: 500,
+  memoryLimitBytes: 64 << 20,
+  labels: {},
+};
+
+describe("CRIU stats files", () => {
+  it("decodes a dump entry as CRIU writes it (magics, size, protobuf)", () => {
+    const dump = {
+      freezingTimeUs: 2147,
+      frozenTimeUs: 148396,
+      memdumpTimeUs: 7581,
+      memwriteTimeUs: 3477,
+      pagesScanned: 2204,
+      pagesSkippedParent: 0,
+      pagesWritten: 2131,
+      pagesLazy: 0,
+    };
+    const buf = encodeCriuStats({ dump });
+    expect(new DataView(buf.buffer).getUint32(0, true)).toBe(IMG_SERVICE_MAGIC);
+    expect(new DataView(buf.buffer).getUint32(4, true)).toBe(STATS_MAGIC);
+    expect(parseCriuStats(buf)).toEqual({ dump });
+  });
+
+  it("decodes a restore entry and large varints", () => {
+    const restore = { pagesCompared: 0, pagesSkippedCow: 0, forkingTimeUs: 5_000_000_000, restoreTimeUs: 91_234, pagesRestored: 2131 };
+    expect(parseCriuStats(encodeCriuStats({ restore }))).toEqual({ restore });
+  });
+
+  it("refuses a file with the wrong magic or a truncated entry", () => {
+    const buf = encodeCriuStats({
+      restore: { pagesCompared: 1, pagesSkippedCow: 0, forkingTimeUs: 1, restoreTimeUs: 1, pagesRestored: 1 },
+    });
+    const bad = buf.slice();
+    bad[0] = 0;
+    expect(() => parseCriuStats(bad)).toThrow(/bad magic/);
+    expect(() => parseCriuStats(buf.subarray(0, buf.length - 2))).toThrow(/overruns/);
+  });
+
+  // a real stats-dump from CRIU 4.2.1, when one is around (FERRY_STATS_DUMP=path)
+  it.skipIf(!process.env.FERRY_STATS_DUMP)("decodes a real stats-dump", () => {
+    const s = parseCriuStats(readFileSync(process.env.FERRY_STATS_DUMP!));
+    expect(s.dump?.pagesWritten).toBeGreaterThan(0);
+  });
+});
+
+describe("ss parsing", () => {
+  it("reads 4-tuples with and without the State column, IPv4 and IPv6", () => {
+    const out = [
+      "0      0      10.77.0.10:7000    10.77.0.99:41234",
+      "0      0      [::ffff:10.77.0.10]:80 [::ffff:10.0.0.1]:5555",
+      "ESTAB  0      0      [fe80::1%eth0]:22  [fe80::2%eth0]:40000",
+      "",
+    ].join("\n");
+    expect(parseSsEstablished(out)).toEqual([
+      { localAddress: "10.77.0.10", localPort: 7000, remoteAddress: "10.77.0.99", remotePort: 41234 },
+      { localAddress: "::ffff:10.77.0.10", localPort: 80, remoteAddress: "::ffff:10.0.0.1", remotePort: 5555 },
+      { localAddress: "fe80::1", localPort: 22, remoteAddress: "fe80::2", remotePort: 40000 },
+    ]);
+  });
+});
+
+describe("OCI config", () => {
+  it("puts limits, the netns path and the one-level cgroup path, and no rlimits", () => {
+    const c = buildOciConfig(spec, { netnsPath: "/run/netns/ferry-web", cgroupsPath: "/ferry-a1-web" }) as {
+      process: Record<string, unknown>;
+      linux: { cgroupsPath: string; resources: { cpu: unknown; memory: unknown }; namespaces: { type: string; path?: string }[] };
+    };
+    expect(c.process.terminal).toBe(false);
+    expect(c.process.rlimits).toBeUndefined();
+    expect(c.process.cwd).toBe("/");
+    expect(c.process.env).toEqual(["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "A=1"]);
+    expect(c.linux.cgroupsPath).toBe("/ferry-a1-web");
+    expect(c.linux.resources.cpu).toEqual({ quota: 50_000, period: 100_000 });
+    expect(c.linux.resources.memory).toEqual({ limit: 64 << 20 });
+    expect(c.linux.namespaces).toContainEqual({ type: "network", path: "/run/netns/ferry-web" });
+    expect(c.linux.namespaces.map((n) => n.type).sort()).toEqual(["ipc", "mount", "network", "pid", "uts"]);
+  });
+
+  it("leaves out limits of 0 (unlimited)", () => {
+    const c = buildOciConfig({ ...spec, cpuMillicores: 0, memoryLimitBytes: 0 }, { netnsPath: "/x", cgroupsPath: "/y" }) as {
+      linux: { resources: Record<string, unknown> };
+    };
+    expect(c.linux.resources.cpu).toBeUndefined();
+    expect(c.linux.resources.memory).toBeUndefined();
+    expect(ContainerState.CONTAINER_STATE_CHECKPOINTED).toBe(5);
+  });
+});
+
+describe("checkpoint ids and keyed locks", () => {
+  it("accepts generated ids, refuses traversal", () => {
+    expect(validateCheckpointId("id", "web-mwso2yny-dcb08c")).toBe("web-mwso2yny-dcb08c");
+    expect(() => validateCheckpointId("id", "../etc")).toThrow(/checkpoint id/);
+    expect(() => validateCheckpointId("id", "a..b")).toThrow(/checkpoint id/);
+  });
+
+  it("serialises work per key, runs keys in parallel, survives a failure", async () => {
+    const m = new KeyedMutex();
+    const order: string[] = [];
+    const slow = (k: string, ms: number, fail = false) =>
+      m.run(k, async () => {
+        order.push(`${k}+`);
+        await new Promise((r) => setTimeout(r, ms));
+        order.push(`${k}-`);
+        if (fail) throw new Error("boom");
+      });
+    const a1 = slow("a", 30, true);
+    const a2 = slow("a", 1);
+    const b = slow("b", 1);
+    await expect(a1).rejects.toThrow("boom");
+    await Promise.all([a2, b]);
+    expect(order.indexOf("a-")).toBeLessThan(order.lastIndexOf("a+"));
+    expect(order.indexOf("b-")).toBeLessThan(order.indexOf("a-"));
+  });
+});

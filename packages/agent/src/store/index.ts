@@ -1,0 +1,3 @@
+export * from "./blob-store.js";
+export * from "./chunk-codec.js";
+export * from "./service.js";

