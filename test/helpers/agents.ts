@@ -30,7 +30,7 @@ export interface Bed {
   image: BlobRef;
   /** The test client binary (runs in the workload's namespace). */
   echoClient: string;
-  spawn(name: string, env?: NodeJS.ProcessEnv): Promise<Edge>;
+  spawn(name: string, env?: NodeJS.ProcessEnv, extraArgs?: string[]): Promise<Edge>;
   destroy(): Promise<void>;
 }
 
@@ -75,7 +75,7 @@ export async function destroyBeds(): Promise<void> {
   for (const b of [...open]) await b.destroy();
 }
 
-export async function makeBed(hostNames: string[]): Promise<Bed> {
+export async function makeBed(hostNames: string[], opts: { image?: boolean } = {}): Promise<Bed> {
   const sfx = randomBytes(2).toString("hex");
   const pki = await makePki(["controller:controller", "admin:admin", ...hostNames.map((h) => `agent:${h}`)]);
   const work = await mkdtemp(path.join(os.tmpdir(), "ferry-bed-"));
@@ -91,7 +91,7 @@ export async function makeBed(hostNames: string[]): Promise<Bed> {
     workload: undefined as unknown as Workload,
     image: undefined as unknown as BlobRef,
     echoClient: "",
-    async spawn(name, env) {
+    async spawn(name, env, extraArgs) {
       const old = edges.get(name);
       if (old) {
         old.client.close();
@@ -104,6 +104,7 @@ export async function makeBed(hostNames: string[]): Promise<Bed> {
         stateDir: path.join(work, name),
         fromSource: true,
         ...(env ? { env } : {}),
+        ...(extraArgs ? { extraArgs } : {}),
       });
       const client = connect(agentServiceDefinition, agentApi as unknown as Record<string, unknown>, {
         address: proc.address,

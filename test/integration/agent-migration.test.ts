@@ -216,3 +216,123 @@ describe("live migration between two agents", () => {
     await bed.spawn("edge-b");
   }, 120_000);
 });
+
+describe("bad input: the right status, a message naming the field, and nothing lost", () => {
+  const spec = specOf("keeper", "10.77.0.20", ["/usr/local/bin/ferry-echo", "7000"]);
+  let client: ReturnType<typeof inClient>;
+
+  beforeAll(async () => {
+    // A service with a connected client runs throughout: every refusal below must leave it be.
+    await runContainer("edge-a", spec);
+    client = inClient(bed.echoClient, ["10.77.0.20", "7000", "--rate", "50000", "--drain", "10"]);
+    await waitFor("the client to connect", () => /connected serial=1/.test(client.stderr()));
+  }, 60_000);
+
+  afterAll(async () => {
+    client.child.kill("SIGTERM");
+    const { code, out } = await client.done;
+    const report = JSON.parse(out) as EchoReport;
+    expect(code).toBe(0);
+    expect(report.errors).toBe(0);
+    expect(report.checked).toBe(report.sent);
+    const { container } = await bed.edges.get("edge-a")!.client.inspectContainer({ name: "keeper" });
+    expect(container!.state).toBe(ContainerState.CONTAINER_STATE_RUNNING);
+    await removeEverywhere("keeper");
+  }, 60_000);
+
+  async function refused(p: Promise<unknown>): Promise<FerryError> {
+    const e = await p.then(
+      () => undefined,
+      (x: unknown) => x as FerryError,
+    );
+    if (!e) throw new Error("expected a refusal");
+    return e;
+  }
+
+  const a = () => bed.edges.get("edge-a")!.client;
+
+  it("invalid names and paths: InvalidArgument naming the field", async () => {
+    let e = await refused(a().createContainer({ spec: { ...spec, name: "../etc" }, createNetns: true }));
+    expect(e.code).toBe("InvalidArgument");
+    expect(e.message).toContain("spec.name");
+    e = await refused(a().restore({ spec, checkpointId: "../../etc", tcpEstablished: true }));
+    expect(e.code).toBe("InvalidArgument");
+    e = await refused(a().hasBlobs({ digests: ["sha256:../../x"] }));
+    expect(e.code).toBe("InvalidArgument");
+    e = await refused(a().createNetns({ container: "ok", network: { ipCidr: "10.77.0.300/24" } }));
+    expect(e.code).toBe("InvalidArgument");
+    expect(e.message).toContain("ip_cidr");
+    e = await refused(
+      a().setFlows({ bridge: "br-ferry", flows: [{ table: 0, priority: 1, match: "ip\nadd-flow x", actions: "drop", cookie: 5 }] }),
+    );
+    expect(e.code).toBe("InvalidArgument");
+  });
+
+  it("unknown container or image: NotFound", async () => {
+    expect((await refused(a().inspectContainer({ name: "nosuch" }))).code).toBe("NotFound");
+    expect((await refused(a().checkpoint({ name: "nosuch", tcpEstablished: true }))).code).toBe("NotFound");
+    const e = await refused(a().createContainer({ spec: { ...spec, name: "other", image: "nosuch-image" }, createNetns: true }));
+    expect(e.code).toBe("NotFound");
+    expect(e.message).toContain("nosuch-image");
+  });
+
+  it("a duplicate name or an IP already used here: AlreadyExists", async () => {
+    const e = await refused(a().createContainer({ spec, createNetns: true }));
+    expect(e.code).toBe("AlreadyExists");
+    const ip = await refused(a().createNetns({ container: "twin", network: { ipCidr: "10.77.0.20/24" } }));
+    expect(ip.code).toBe("AlreadyExists");
+    expect(ip.message).toContain("10.77.0.20");
+  });
+
+  it("a corrupted upload: DataLoss, and nothing stored", async () => {
+    const digest = "sha256:" + "ab".repeat(32);
+    const e = await refused(
+      a().pushBlob([
+        { msg: { $case: "header", value: { digest, sizeBytes: 4, kind: 1 } }, offset: 0 },
+        { msg: { $case: "chunk", value: Buffer.from("evil") } },
+      ]),
+    );
+    expect(e.code).toBe("DataLoss");
+    const { missing } = await a().hasBlobs({ digests: [digest] });
+    expect(missing).toEqual([digest]);
+  });
+
+  it("not enough memory or disk: ResourceExhausted with the numbers", async () => {
+    const mem = await refused(a().createContainer({ spec: { ...spec, name: "huge", memoryLimitBytes: 2 ** 50 }, createNetns: true }));
+    expect(mem.code).toBe("ResourceExhausted");
+    expect(mem.message).toMatch(/MiB free/);
+    const disk = await refused(
+      a().pushBlob([{ msg: { $case: "header", value: { digest: "sha256:" + "cd".repeat(32), sizeBytes: 2 ** 52, kind: 1 } }, offset: 0 }]),
+    );
+    expect(disk.code).toBe("ResourceExhausted");
+    // Nothing half-made: no container, no namespace left behind by the refused create.
+    expect((await refused(a().inspectContainer({ name: "huge" }))).code).toBe("NotFound");
+    const ns = await a().createNetns({ container: "huge", network: { ipCidr: "10.77.0.21/24" } });
+    expect(ns.ofport).toBeGreaterThan(0);
+    await a().clearNetns({ container: "huge" });
+  });
+
+  it("a checkpoint that fails leaves the container running and its client connected", async () => {
+    // A page server that does not exist: CRIU fails mid-dump.
+    const e = await refused(a().checkpoint({ name: "keeper", tcpEstablished: true, pageServer: { address: "127.0.0.1", port: 9 } }));
+    expect(e.code).not.toBe("OK");
+    const { container } = await a().inspectContainer({ name: "keeper" });
+    expect(container!.state).toBe(ContainerState.CONTAINER_STATE_RUNNING);
+  });
+
+  it("CRIU too old: FailedPrecondition with the fix, before anything is frozen", async () => {
+    const fake = `${bed.work}/old-criu`;
+    await (
+      await import("node:fs/promises")
+    ).writeFile(fake, '#!/bin/sh\n[ "$1" = --version ] && echo "Version: 3.17"\nexit 0\n', { mode: 0o755 });
+    const old = await bed.spawn("edge-b", undefined, ["--criu", fake]);
+    try {
+      const e = await refused(old.client.checkpoint({ name: "anything", tcpEstablished: true }));
+      expect(e.code).toBe("FailedPrecondition");
+      expect(e.message).toContain("3.17");
+      expect(e.message).toContain("setup.sh");
+    } finally {
+      await bed.spawn("edge-b");
+    }
+  });
+});

@@ -30,7 +30,7 @@ import {
   type Security,
   type ServiceImpl,
 } from "@ferry/common";
-import { probeCapabilities } from "./capabilities.js";
+import { probeCapabilities, versionAtLeast } from "./capabilities.js";
 import { Failpoints } from "./failpoints.js";
 import { NetNs, Ovs, portNameFor } from "./net/index.js";
 import { OperationLog, idempotent } from "./ops.js";
@@ -39,6 +39,10 @@ import { ContainerRuntime, Criu, Runc } from "./runtime/index.js";
 import { BlobStore, agentServiceDefinition, createStoreService, grpcPeerClients } from "./store/index.js";
 
 export const AGENT_VERSION = "0.1.0";
+/** CRIU 4.1 fails on any TCP/UDP socket on kernels >= 6.16 (criu#2705); 4.2 works. */
+export const MIN_CRIU = "4.2";
+
+const mib = (n: number): string => `${Math.round(n / 2 ** 20)} MiB`;
 
 export interface AgentConfig {
   /** This host's name (the controller registers it under this name). */
@@ -115,6 +119,17 @@ export async function createAgent(cfg: AgentConfig): Promise<Agent> {
   const { containers, orphans } = await runtime.rediscover();
   log.info({ criu: capabilities.criu?.version, kernel: capabilities.kernel, containers: containers.length, orphans }, "agent started");
 
+  /** CRIU must be there, pass `criu check`, and be new enough for TCP on this kernel. */
+  function requireCriu(): void {
+    const v = capabilities.criu?.version ?? "";
+    if (capabilities.criu?.checkOk !== true || !versionAtLeast(v, MIN_CRIU)) {
+      const what = `${v ? `version ${v}` : "missing"}${capabilities.criu?.checkOk ? "" : " or fails \`criu check\`"}`;
+      throw new FerryError("FailedPrecondition", `CRIU on ${cfg.name} is ${what}; Ferry needs ${MIN_CRIU} or newer`, {
+        fix: "run deploy/host/setup.sh on this host: it installs CRIU 4.2 (older CRIU fails on TCP sockets with kernels >= 6.16)",
+      });
+    }
+  }
+
   /** The container's spec as stored, with the ofport its interface really has. */
   async function withOfport(info: ContainerInfo): Promise<ContainerInfo> {
     const net = info.spec?.network;
@@ -174,6 +189,20 @@ export async function createAgent(cfg: AgentConfig): Promise<Agent> {
           fix: "pick another name, or delete the existing container first",
         });
       }
+      if (spec.memoryLimitBytes > 0) {
+        const { free } = await resources.sample();
+        if (spec.memoryLimitBytes > free.memoryBytes) {
+          throw new FerryError(
+            "ResourceExhausted",
+            `${cfg.name} cannot give "${spec.name}" ${mib(spec.memoryLimitBytes)} of memory: ${mib(free.memoryBytes)} free`,
+            {
+              field: "spec.memory_limit_bytes",
+              fix: "lower the memory limit or run it on another host",
+              data: { resource: "memory", needBytes: spec.memoryLimitBytes, freeBytes: free.memoryBytes },
+            },
+          );
+        }
+      }
       const lowerDir = await store.lowerDir(digest);
       let network = spec.network;
       if (req.createNetns) {
@@ -227,15 +256,7 @@ export async function createAgent(cfg: AgentConfig): Promise<Agent> {
     checkpoint: async (req) => {
       fail.check("checkpoint");
       const name = validateName("name", req.name);
-      if (capabilities.criu?.checkOk !== true) {
-        throw new FerryError(
-          "FailedPrecondition",
-          `CRIU on ${cfg.name} is missing or fails \`criu check\` (version "${capabilities.criu?.version ?? ""}")`,
-          {
-            fix: "run deploy/host/setup.sh on this host: it installs CRIU 4.2",
-          },
-        );
-      }
+      requireCriu();
       const r = await runtime.checkpoint(name, {
         tcpEstablished: req.tcpEstablished,
         leaveRunning: req.leaveRunning,
@@ -257,6 +278,7 @@ export async function createAgent(cfg: AgentConfig): Promise<Agent> {
       fail.check("restore");
       const started = performance.now();
       const spec = validateSpec(req.spec);
+      requireCriu();
       if (!(await netns.exists(spec.name))) {
         throw new FerryError("FailedPrecondition", `the network namespace of "${spec.name}" does not exist on ${cfg.name}`, {
           fix: "create it (CreateNetns, locked) before restoring",

@@ -15,6 +15,8 @@ export interface AgentProcessOptions {
   /** Run packages/agent/src/main.ts through tsx (tests) instead of the built dist/main.js. */
   fromSource?: boolean;
   env?: NodeJS.ProcessEnv;
+  /** More ferry-agent flags, e.g. ["--criu", "/path/to/criu"]. */
+  extraArgs?: string[];
   /** Called with every line the agent writes to stderr (its JSON log). */
   onLog?: (line: string) => void;
 }
@@ -58,6 +60,7 @@ export async function spawnAgent(o: AgentProcessOptions): Promise<AgentProcess> 
     o.host.dbSock,
     "--bridge",
     o.host.bridge,
+    ...(o.extraArgs ?? []),
   ];
   const child = spawn("nsenter", args, { cwd: REPO_ROOT, stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, ...o.env } });
   let stderr = "";
