@@ -47,7 +47,15 @@ test-unit: $(STAMP)/npm build
 	npx vitest run packages
 
 demo: deps build
-	@deploy/demo.sh
+	@npx tsx --conditions=source deploy/demo.ts
 
 clean:
 	rm -rf packages/*/dist packages/*/tsconfig.tsbuildinfo packages/api/src/gen .ferry/stamps
+
+.PHONY: testbed-up testbed-down bench
+# The emulated edge testbed (deploy/testbed.ts): three edge hosts, a client host, agents, a controller.
+testbed-up: deps build
+	@npx tsx --conditions=source deploy/testbed.ts up
+
+testbed-down:
+	@npx tsx --conditions=source deploy/testbed.ts down

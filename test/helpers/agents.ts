@@ -1,15 +1,14 @@
 // Agents in emulated edge hosts for integration tests: a testbed, the test image, real agents
 // over mTLS, a client workload, and COAT's migration done step by step through the agents' RPCs.
-import { createReadStream } from "node:fs";
-import { mkdtemp, rm, stat } from "node:fs/promises";
+import { mkdtemp, rm } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { randomBytes, randomInt } from "node:crypto";
 import * as agentApi from "@ferry/api/agent";
-import { BlobKind, type BlobRef, type ContainerSpec } from "@ferry/api/agent";
+import type { BlobRef, ContainerSpec } from "@ferry/api/agent";
 import { agentServiceDefinition } from "@ferry/agent";
 import { connect, exec, type PromiseClient } from "@ferry/common";
-import { Testbed, endpointFlows, spawnAgent, type AgentProcess, type EmulatedHost, type Workload } from "@ferry/testbed";
+import { Testbed, endpointFlows, pushImage, spawnAgent, type AgentProcess, type EmulatedHost, type Workload } from "@ferry/testbed";
 import { REPO, makePki, type TestPki } from "./certs.js";
 
 export type AgentClient = PromiseClient<typeof agentServiceDefinition>;
@@ -47,27 +46,6 @@ export function testkit(): Promise<{ tar: string; client: string; dir: string }>
   return built;
 }
 
-async function sha256File(file: string): Promise<string> {
-  const { createHash } = await import("node:crypto");
-  const h = createHash("sha256");
-  for await (const c of createReadStream(file)) h.update(c as Buffer);
-  return `sha256:${h.digest("hex")}`;
-}
-
-/** Upload a tar to an agent and name it. */
-export async function pushImage(client: AgentClient, tar: string, name: string): Promise<BlobRef> {
-  const ref: BlobRef = { digest: await sha256File(tar), sizeBytes: (await stat(tar)).size, kind: BlobKind.BLOB_KIND_IMAGE };
-  await client.pushBlob(
-    (async function* () {
-      yield { msg: { $case: "header" as const, value: ref }, offset: 0 };
-      for await (const c of createReadStream(tar, { highWaterMark: 1 << 20 }))
-        yield { msg: { $case: "chunk" as const, value: c as Buffer } };
-    })(),
-  );
-  await client.tagImage({ name, digest: ref.digest });
-  return ref;
-}
-
 const open = new Set<Bed>();
 
 /** Tear down every bed made in this process, finished or not (afterAll). */
@@ -75,7 +53,7 @@ export async function destroyBeds(): Promise<void> {
   for (const b of [...open]) await b.destroy();
 }
 
-export async function makeBed(hostNames: string[], opts: { image?: boolean } = {}): Promise<Bed> {
+export async function makeBed(hostNames: string[]): Promise<Bed> {
   const sfx = randomBytes(2).toString("hex");
   const pki = await makePki(["controller:controller", "admin:admin", ...hostNames.map((h) => `agent:${h}`)]);
   const work = await mkdtemp(path.join(os.tmpdir(), "ferry-bed-"));

@@ -1,4 +1,5 @@
 import { spawn, type ChildProcess } from "node:child_process";
+import { closeSync, openSync, readFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { FerryError } from "@ferry/common";
 import type { EmulatedHost } from "./testbed.js";
@@ -17,6 +18,11 @@ export interface AgentProcessOptions {
   env?: NodeJS.ProcessEnv;
   /** More ferry-agent flags, e.g. ["--criu", "/path/to/criu"]. */
   extraArgs?: string[];
+  /**
+   * Outlive this process (`make testbed-up`): stdout and stderr go to this file, and `stop()`
+   * (or {@link stopPid} from another process) ends it by pid.
+   */
+  detachedLog?: string;
   /** Called with every line the agent writes to stderr (its JSON log). */
   onLog?: (line: string) => void;
 }
@@ -62,6 +68,7 @@ export async function spawnAgent(o: AgentProcessOptions): Promise<AgentProcess> 
     o.host.bridge,
     ...(o.extraArgs ?? []),
   ];
+  if (o.detachedLog) return spawnDetached(o.host.name, ["nsenter", ...args], o.detachedLog, `${o.host.underlayIp}:${port}`, o.env);
   const child = spawn("nsenter", args, { cwd: REPO_ROOT, stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, ...o.env } });
   let stderr = "";
   child.stderr.setEncoding("utf8").on("data", (d: string) => {
@@ -99,4 +106,55 @@ export async function spawnAgent(o: AgentProcessOptions): Promise<AgentProcess> 
       clearTimeout(t);
     },
   };
+}
+
+/**
+ * Start a process that outlives us (its own session, output to `logFile`) and wait until it
+ * prints "ready port=N". Used by `make testbed-up` for agents and the controller.
+ */
+export async function spawnDetached(
+  name: string,
+  argv: string[],
+  logFile: string,
+  address: string,
+  env?: NodeJS.ProcessEnv,
+): Promise<AgentProcess> {
+  const fd = openSync(logFile, "a");
+  const child = spawn(argv[0]!, argv.slice(1), {
+    cwd: REPO_ROOT,
+    detached: true,
+    stdio: ["ignore", fd, fd],
+    env: { ...process.env, ...env },
+  });
+  closeSync(fd);
+  child.unref();
+  const deadline = Date.now() + 30_000;
+  for (;;) {
+    const text = readFileSync(logFile, "utf8");
+    if (/ready port=\d+/.test(text)) break;
+    if (child.exitCode !== null || Date.now() > deadline) {
+      throw new FerryError("Internal", `${name} did not start (see ${logFile}): ${text.slice(-2000)}`);
+    }
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  return { child, address, name, stop: (graceMs) => stopPid(child.pid!, graceMs) };
+}
+
+/** SIGTERM a process we started (by pid), SIGKILL after `graceMs`; resolves when it is gone. */
+export async function stopPid(pid: number, graceMs = 5000): Promise<void> {
+  const alive = (): boolean => {
+    try {
+      process.kill(pid, 0);
+      // A zombie (exited, never reaped by PID 1 here) counts as gone.
+      return !/^\S+ \(.*\) Z/.test(readFileSync(`/proc/${pid}/stat`, "utf8"));
+    } catch {
+      return false;
+    }
+  };
+  if (!alive()) return;
+  process.kill(pid, "SIGTERM");
+  const end = Date.now() + graceMs;
+  while (alive() && Date.now() < end) await new Promise((r) => setTimeout(r, 50));
+  if (alive()) process.kill(pid, "SIGKILL");
+  while (alive()) await new Promise((r) => setTimeout(r, 50));
 }

@@ -7,3 +7,4 @@ export * from "./testbed.js";
 export * from "./flows.js";
 export { startDaemon, stopDaemon, type DaemonSpec } from "./daemon.js";
 export * from "./agent-process.js";
+export * from "./images.js";

@@ -38,6 +38,8 @@ const SCHEMA = "/usr/share/openvswitch/vswitch.ovsschema";
 const UNDERLAY_BRIDGE = "br-ul";
 /** The overlay bridge on every host. */
 export const OVERLAY_BRIDGE = "br-ferry";
+/** Cookie of {@link Testbed.routeSubnet}'s rules (outside the per-IP cookie range 0xfe_...). */
+const SUBNET_COOKIE = 0xfd_0000_0000;
 const PHYS_BRIDGE = "br-phy";
 const PREFIX = /^ferry-[a-z0-9-]{0,30}$/;
 
@@ -50,6 +52,12 @@ export interface TestbedOptions {
   underlayNet?: string;
   /** VXLAN network identifier of the overlay, default 77. */
   vni?: number;
+  /**
+   * VXLAN between edge hosts too (default true). False when Ferry's controller builds the edge
+   * mesh itself (RegisterHost with an underlay address): the testbed then links only client hosts
+   * to every edge host.
+   */
+  meshEdges?: boolean;
   /** Let OVS daemons fork away and outlive this process (`make testbed-up`); default false. */
   detachDaemons?: boolean;
   log?: Logger;
@@ -60,6 +68,8 @@ export interface HostOptions {
   name: string;
   /** Underlay address; default <underlayNet>.<index>. */
   underlayIp?: string;
+  /** "client": a host of client workloads, linked to every edge host (default "edge"). */
+  role?: "edge" | "client";
 }
 
 export interface WorkloadOptions {
@@ -71,6 +81,8 @@ export interface WorkloadOptions {
   mac?: string;
   /** Pinned OpenFlow port on the host's br-ferry (1..999). */
   ofport: number;
+  /** The namespace's name, when not <host netns>-<name> (the real testbed's "ferry-client"). */
+  netns?: string;
 }
 
 /** An overlay endpoint the testbed made itself (e.g. the client's load generator). */
@@ -116,6 +128,7 @@ export class EmulatedHost {
   readonly ovsDir: string;
   readonly dbSock: string;
   readonly bridge = OVERLAY_BRIDGE;
+  role: "edge" | "client" = "edge";
   /** @internal daemons we started without --detach, reaped on stop. */
   readonly children = new Map<string, ChildProcess | undefined>();
 
@@ -222,10 +235,25 @@ export class Testbed {
    * Tear down a testbed made by another process (`make testbed-down` after `testbed-up` with
    * `detachDaemons`): the same as {@link destroy} for the named hosts of `opts.prefix`.
    */
-  static async destroyExisting(opts: TestbedOptions, hostNames: readonly string[]): Promise<void> {
+  static async destroyExisting(opts: TestbedOptions, hostNames: readonly string[], workloadNetns: readonly string[] = []): Promise<void> {
     const tb = new Testbed(opts);
+    for (const n of workloadNetns) tb.workloads.push({ netns: n } as Workload);
     hostNames.forEach((n, i) => tb.hosts.push(new EmulatedHost(validateName("hostNames", n), i + 1, "0.0.0.0", opts.prefix, tb.stateRoot)));
     await tb.destroy();
+  }
+
+  /**
+   * Send a whole overlay subnet from `host` to `via` (a client host's access edge host): the
+   * edge hosts, programmed by Ferry, take it from there. Lower priority than per-endpoint rules.
+   */
+  async routeSubnet(host: EmulatedHost, cidr: string, via: EmulatedHost): Promise<void> {
+    const { ip, prefix } = parseIpv4Cidr("cidr", cidr);
+    const out = host.vxlanPortTo(via).ofport;
+    const cookie = SUBNET_COOKIE;
+    await host.setFlows([
+      { table: 0, priority: 50, cookie, match: `ip,nw_dst=${ip}/${prefix}`, actions: `output:${out}` },
+      { table: 0, priority: 50, cookie, match: `arp,arp_tpa=${ip}/${prefix}`, actions: `output:${out}` },
+    ]);
   }
 
   /** Root-namespace side of the link made by {@link attachRoot}: "fu" + 8 hex of the prefix's hash. */
@@ -330,8 +358,10 @@ export class Testbed {
       input: `addr add ${underlayIp}/24 dev ${PHYS_BRIDGE}\nlink set ${PHYS_BRIDGE} up\n`,
     });
 
+    host.role = o.role ?? "edge";
     for (const peer of this.hosts) {
       if (peer === host) continue;
+      if (this.opts.meshEdges === false && host.role === "edge" && peer.role === "edge") continue;
       await this.addVxlan(host, peer);
       await this.addVxlan(peer, host);
     }
@@ -387,7 +417,7 @@ export class Testbed {
         `use 1-${VXLAN_OFPORT_BASE - 1} (VXLAN ports use ${VXLAN_OFPORT_BASE}+)`,
       );
     }
-    const netns = host.netnsPrefix + o.name;
+    const netns = o.netns ?? host.netnsPrefix + o.name;
     const port = "fw" + createHash("sha256").update(netns).digest("hex").slice(0, 8);
     const w: Workload = { name: o.name, host, netns, netnsPath: `${NETNS_DIR}/${netns}`, ip: cidr.ip, mac, ofport: o.ofport, port };
     await exec("ip", ["netns", "add", netns]);
@@ -425,6 +455,7 @@ export class Testbed {
         errors.push(e);
       }
     };
+    for (const w of this.workloads) await attempt(() => delNetns(w.netns));
     const names = await readdir(NETNS_DIR).catch(() => [] as string[]);
     for (const host of [...this.hosts].reverse()) {
       for (const d of ["ovs-vswitchd", "ovsdb-server"]) {

@@ -1,0 +1,212 @@
+// The edge testbed on one machine: `make testbed-up` / `make testbed-down`.
+//
+//   ferry-edge-a   ferry-edge-b   ferry-edge-c      each: its own ovsdb-server + ovs-vswitchd
+//     agent          agent          agent           (userspace datapath) and a ferry-agent
+//        \_____________|______________/             edge mesh: VXLAN built by the controller
+//                      |                            client ↔ edges: VXLAN built by the testbed
+//              ferry-client-host ── ferry-client (10.77.0.100/24, the client workload)
+//   underlay 172.31.0.0/24 (namespace ferry-underlay), root namespace at .254: the controller
+//
+// The client host sends the overlay subnet to its access host edge-a; edge hosts forward each
+// container's IP to whichever host holds it (flows set by the controller through the agents).
+import { existsSync } from "node:fs";
+import { mkdir, readFile, rm, writeFile } from "node:fs/promises";
+import path from "node:path";
+import { parseArgs } from "node:util";
+import * as agentApi from "@ferry/api/agent";
+import * as controllerApi from "@ferry/api/controller";
+import { ControllerServiceService } from "@ferry/api/controller";
+import { agentServiceDefinition } from "@ferry/agent";
+import { connect, exec, loadTls, tlsFilesIn, type Security } from "@ferry/common";
+import { REPO_ROOT, Testbed, pushImage, spawnAgent, spawnDetached, stopPid } from "@ferry/testbed";
+
+export const PREFIX = "ferry-";
+export const EDGES = ["edge-a", "edge-b", "edge-c"];
+export const CLIENT_HOST = "client-host";
+export const CLIENT_NETNS = "ferry-client";
+export const CLIENT_IP = "10.77.0.100";
+export const UNDERLAY = "172.31.0";
+const DIR = path.join(REPO_ROOT, ".ferry/testbed");
+const CERTS = path.join(REPO_ROOT, ".ferry/certs");
+const STATE = path.join(DIR, "state.json");
+const CONTROLLER_PORT = 7440;
+
+interface State {
+  prefix: string;
+  hosts: string[];
+  workloads: string[];
+  pids: Record<string, number>;
+}
+
+const say = (s: string): void => void process.stdout.write(`testbed: ${s}\n`);
+
+function security(name: string): Security {
+  return { mode: "mtls", tls: loadTls(tlsFilesIn(CERTS, name)) };
+}
+
+export function controllerClient(): ReturnType<typeof connect<typeof ControllerServiceService>> {
+  return connect(ControllerServiceService, controllerApi as unknown as Record<string, unknown>, {
+    address: `127.0.0.1:${CONTROLLER_PORT}`,
+    security: security("admin"),
+    serverName: "controller",
+  });
+}
+
+async function saveState(st: State): Promise<void> {
+  await writeFile(STATE, JSON.stringify(st, null, 2));
+}
+
+export async function up(): Promise<void> {
+  if (existsSync(STATE)) throw new Error(`a testbed is already up (${STATE}); run \`make testbed-down\` first`);
+  const t0 = performance.now();
+  await mkdir(DIR, { recursive: true });
+  await exec("bash", [
+    path.join(REPO_ROOT, "deploy/certs.sh"),
+    CERTS,
+    "controller:controller",
+    "admin:admin",
+    ...EDGES.map((e) => `agent:${e}`),
+  ]);
+  const st: State = { prefix: PREFIX, hosts: [...EDGES, CLIENT_HOST], workloads: [CLIENT_NETNS], pids: {} };
+  await saveState(st); // first: a failure half-way is still torn down by `down`
+  const tb = await Testbed.create({ prefix: PREFIX, underlayNet: UNDERLAY, meshEdges: false, detachDaemons: true });
+  for (const e of EDGES) await tb.createHost({ name: e });
+  const clientHost = await tb.createHost({ name: CLIENT_HOST, role: "client" });
+  await tb.attachRoot();
+  await tb.addWorkload(clientHost, { name: "client", netns: CLIENT_NETNS, ipCidr: `${CLIENT_IP}/24`, ofport: 10 });
+  await tb.routeSubnet(clientHost, "10.77.0.0/24", tb.host("edge-a"));
+  say(`hosts up: ${[...EDGES, CLIENT_HOST].map((h) => PREFIX + h).join(", ")}, client workload ${CLIENT_NETNS} at ${CLIENT_IP}/24`);
+
+  for (const e of EDGES) {
+    const host = tb.host(e);
+    const a = await spawnAgent({ host, certsDir: CERTS, stateDir: path.join(DIR, e), detachedLog: path.join(DIR, `${e}.log`) });
+    st.pids[`agent-${e}`] = a.child.pid!;
+    await saveState(st);
+  }
+  const ctl = await spawnDetached(
+    "controller",
+    [
+      process.execPath,
+      path.join(REPO_ROOT, "packages/controller/dist/main.js"),
+      "--listen",
+      `0.0.0.0:${CONTROLLER_PORT}`,
+      "--state-dir",
+      path.join(DIR, "controller"),
+      "--tls-dir",
+      CERTS,
+    ],
+    path.join(DIR, "controller.log"),
+    `127.0.0.1:${CONTROLLER_PORT}`,
+  );
+  st.pids.controller = ctl.child.pid!;
+  await saveState(st);
+  say(`agents and controller up (mTLS, certificates in ${path.relative(REPO_ROOT, CERTS)})`);
+
+  const admin = controllerClient();
+  try {
+    for (const e of EDGES) {
+      const h = tb.host(e);
+      await admin.registerHost({ name: e, address: `${h.underlayIp}:7441`, tlsServerName: e, underlayIp: h.underlayIp });
+    }
+  } finally {
+    admin.close();
+  }
+  const digest = await importTestkit(tb);
+  say(`image testkit (${digest.slice(0, 19)}…) on ${EDGES.join(", ")}`);
+  await writeFile(
+    path.join(REPO_ROOT, ".ferry/testbed.env"),
+    [
+      `export FERRY_CONTROLLER=127.0.0.1:${CONTROLLER_PORT}`,
+      `export FERRY_TLS_DIR=${CERTS}`,
+      `export FERRY_CLIENT_NETNS=${CLIENT_NETNS}`,
+      `export PATH=${path.join(REPO_ROOT, "bin")}:$PATH`,
+      "",
+    ].join("\n"),
+  );
+  say(`ready in ${((performance.now() - t0) / 1000).toFixed(1)} s: \`. .ferry/testbed.env && ferry hosts\``);
+}
+
+/** Build the test image and give it to every edge host's agent as "testkit". */
+async function importTestkit(tb: Testbed): Promise<string> {
+  const out = path.join(DIR, "testkit");
+  await mkdir(out, { recursive: true });
+  await exec(
+    "bash",
+    [path.join(REPO_ROOT, "deploy/testkit/build.sh"), path.join(out, "testkit.tar"), path.join(out, "ferry-echo-client")],
+    {
+      timeoutMs: 120_000,
+    },
+  );
+  let digest = "";
+  for (const e of EDGES) {
+    const c = connect(agentServiceDefinition, agentApi as unknown as Record<string, unknown>, {
+      address: `${tb.host(e).underlayIp}:7441`,
+      security: security("controller"),
+      serverName: e,
+    });
+    try {
+      digest = (await pushImage(c, path.join(out, "testkit.tar"), "testkit")).digest;
+    } finally {
+      c.close();
+    }
+  }
+  return digest;
+}
+
+export async function down(): Promise<void> {
+  const st: State = existsSync(STATE)
+    ? (JSON.parse(await readFile(STATE, "utf8")) as State)
+    : { prefix: PREFIX, hosts: [...EDGES, CLIENT_HOST], workloads: [CLIENT_NETNS], pids: {} };
+  // Containers first, through their agents: runc containers outlive the agent that made them.
+  for (const e of EDGES) {
+    if (!st.pids[`agent-${e}`]) continue;
+    const c = connect(agentServiceDefinition, agentApi as unknown as Record<string, unknown>, {
+      address: `${UNDERLAY}.${EDGES.indexOf(e) + 1}:7441`,
+      security: security("controller"),
+      serverName: e,
+    });
+    try {
+      const { containers } = await c.listContainers({}, { timeoutMs: 5000 });
+      for (const x of containers) await c.deleteContainer({ name: x.spec!.name, force: true }, { timeoutMs: 30_000 });
+      if (containers.length) say(`${e}: deleted ${containers.map((x) => x.spec!.name).join(", ")}`);
+    } catch (err) {
+      say(`${e}: could not clean containers through the agent: ${(err as Error).message}`);
+    } finally {
+      c.close();
+    }
+  }
+  for (const [what, pid] of Object.entries(st.pids)) {
+    // Only a process we started: its command line names this checkout.
+    const cmd = await readFile(`/proc/${pid}/cmdline`, "utf8").catch(() => "");
+    if (cmd.includes(REPO_ROOT)) await stopPid(pid);
+    else if (cmd) say(`pid ${pid} (${what}) is no longer ours; left alone`);
+  }
+  await Testbed.destroyExisting({ prefix: st.prefix, underlayNet: UNDERLAY }, st.hosts, st.workloads);
+  await rm(DIR, { recursive: true, force: true });
+  await rm(path.join(REPO_ROOT, ".ferry/testbed.env"), { force: true });
+  const left = (await exec("ip", ["netns", "list"])).stdout.split("\n").filter((l) => l.startsWith(PREFIX));
+  if (left.length) throw new Error(`namespaces left behind: ${left.join(", ")}`);
+  say("down: no namespace, OVS daemon, agent or controller left");
+}
+
+async function main(): Promise<void> {
+  const { positionals } = parseArgs({ allowPositionals: true, options: {} });
+  const cmd = positionals[0];
+  if (cmd === "up") {
+    try {
+      await up();
+    } catch (e) {
+      say(`up failed, tearing down: ${(e as Error).message}`);
+      await down().catch((x: unknown) => say(`down: ${(x as Error).message}`));
+      throw e;
+    }
+  } else if (cmd === "down") await down();
+  else throw new Error("usage: testbed.ts up|down");
+}
+
+if (import.meta.url === `file://${process.argv[1]}`) {
+  main().catch((e: unknown) => {
+    process.stderr.write(`testbed: ${(e as Error).message}\n`);
+    process.exit(1);
+  });
+}
