@@ -120,6 +120,15 @@ async function writeAll(call: ServerWritableStream<unknown, unknown>, items: Asy
   }
 }
 
+/** Trailer with the time the server spent on a call: the client's measure of control overhead. */
+export const SERVER_TIME_TRAILER = "ferry-server-ms";
+
+function serverTime(t0: number): Metadata {
+  const m = new Metadata();
+  m.set(SERVER_TIME_TRAILER, (performance.now() - t0).toFixed(2));
+  return m;
+}
+
 /**
  * Turn a plain implementation into grpc-js handlers: authorization by certificate role, errors
  * mapped to status codes in one place, cancellation as an AbortSignal, backpressure on streams.
@@ -144,7 +153,9 @@ export function toHandlers<S extends ServiceDef>(
           try {
             const peer = peerOf(call, security);
             authorize(reg.access, method, peer);
-            cb(null, await fn(call.request, contextOf(call, method, peer)));
+            const t0 = performance.now();
+            const res = await fn(call.request, contextOf(call, method, peer));
+            cb(null, res, serverTime(t0));
           } catch (e) {
             cb(fail(e));
           }
@@ -157,8 +168,9 @@ export function toHandlers<S extends ServiceDef>(
             const peer = peerOf(call, security);
             authorize(reg.access, method, peer);
             const ctx = contextOf(call, method, peer);
+            const t0 = performance.now();
             await writeAll(call, fn(call.request, ctx) as AsyncIterable<unknown>, ctx.signal);
-            call.end();
+            call.end(serverTime(t0));
           } catch (e) {
             call.emit("error", fail(e));
           }
@@ -170,7 +182,9 @@ export function toHandlers<S extends ServiceDef>(
           try {
             const peer = peerOf(call, security);
             authorize(reg.access, method, peer);
-            cb(null, await fn(call, contextOf(call, method, peer)));
+            const t0 = performance.now();
+            const res = await fn(call, contextOf(call, method, peer));
+            cb(null, res, serverTime(t0));
           } catch (e) {
             cb(fail(e));
           }
@@ -269,6 +283,11 @@ export interface CallOpts {
   /** Relative deadline. */
   timeoutMs?: number;
   signal?: AbortSignal;
+  /**
+   * Called with the time the server says it spent on the call (its trailer), once the call
+   * ends: what a caller subtracts from its wall time to find its own overhead.
+   */
+  onServerMs?: (ms: number) => void;
   metadata?: Metadata;
 }
 
@@ -289,6 +308,15 @@ export interface ConnectOptions {
   /** Name on the server's certificate, when it differs from the address's host. */
   serverName?: string;
   options?: ChannelOptions;
+}
+
+/** grpc-js emits "status" (with the trailers) right after it settles a unary call's callback. */
+function reportServerTime(call: NodeJS.EventEmitter, o: CallOpts | undefined): void {
+  if (!o?.onServerMs) return;
+  call.once("status", (st: { metadata?: Metadata }) => {
+    const v = Number(st.metadata?.get(SERVER_TIME_TRAILER)[0]);
+    if (Number.isFinite(v)) o.onServerMs!(v);
+  });
 }
 
 function callOptions(o: CallOpts | undefined): Partial<CallOptions> {
@@ -323,6 +351,7 @@ export function connect<S extends ServiceDef>(definition: S, messages: Record<st
             (err, res) => (err ? reject(fromServiceError(err)) : resolve(res)),
           );
           o?.signal?.addEventListener("abort", () => call.cancel(), { once: true });
+          reportServerTime(call, o);
         });
     } else if (!def.requestStream && def.responseStream) {
       out[method] = (req: unknown, o?: CallOpts) => {
@@ -335,6 +364,7 @@ export function connect<S extends ServiceDef>(definition: S, messages: Record<st
           callOptions(o),
         );
         o?.signal?.addEventListener("abort", () => call.cancel(), { once: true });
+        reportServerTime(call, o);
         return (async function* () {
           try {
             for await (const item of call) yield item as unknown;
@@ -359,6 +389,7 @@ export function connect<S extends ServiceDef>(definition: S, messages: Record<st
           );
         });
         o?.signal?.addEventListener("abort", () => call!.cancel(), { once: true });
+        reportServerTime(call!, o);
         try {
           for await (const r of reqs) {
             if (!call!.write(r)) await Promise.race([once(call!, "drain"), result]);
