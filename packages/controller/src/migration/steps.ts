@@ -1,0 +1,345 @@
+// The steps of a live migration, as the pipeline engine runs them (see ../pipeline):
+//
+//   inspect ─ prepare-image ─ prepare-netns ─ checkpoint ─┬ transfer          ┬─ restore ═ cleanup-source
+//                                                        ├ clear-source-netns ┤  (commit)
+//                                                        └ switch-path       ┘
+//            no downtime                     │ downtime starts ............. downtime ends │
+//
+// Until `restore` succeeds, every failure rolls back: undos run in reverse, and the last one,
+// the checkpoint's, restores the container on the source from the checkpoint it kept. Once the
+// destination runs the container, its clients may have talked to it: there is no way back, so
+// `restore` is the commit point and `cleanup-source` is retried, never undone.
+//
+// Every agent call carries the step's operation key (`<migration id>/<step>`), so a retried call,
+// or one repeated after a controller restart, is answered from the agent's record.
+import { BlobKind, ContainerState, type BlobRef, type ContainerSpec, type TcpConnection } from "@ferry/api/agent";
+import { FerryError, RETRYABLE_CODES } from "@ferry/common";
+import type { RetryPolicy, Stage, Step, StepIo } from "../pipeline/types.js";
+import type { AgentClient } from "../hosts.js";
+import type { PathSwitch, Sdn } from "../sdn/index.js";
+
+export interface HostHandle {
+  name: string;
+  /** The agent's gRPC address, which a peer agent pulls blobs from. */
+  address: string;
+  tlsServerName: string;
+  client: AgentClient;
+}
+
+/** What steps learn and later steps (and a resumed controller) need; saved in the journal. */
+export interface MigrationOutputs {
+  spec?: ContainerSpec;
+  imageDigest?: string;
+  imageBytes?: number;
+  /** The destination already had the image: only the upper dir and the checkpoint travel. */
+  partial?: boolean;
+  sourceOfport?: number;
+  destOfport?: number;
+  checkpointId?: string;
+  connections?: TcpConnection[];
+  checkpointBlob?: BlobRef;
+  upperBlob?: BlobRef;
+}
+
+export interface MigrationCtx {
+  id: string;
+  container: string;
+  source: HostHandle;
+  dest: HostHandle;
+  sdn: Sdn;
+  out: MigrationOutputs;
+  /** Save `out` to the journal: called by a step as soon as it learns something an undo needs. */
+  persist(): Promise<void>;
+}
+
+const retry = (maxAttempts: number): RetryPolicy => ({
+  maxAttempts,
+  initialBackoffMs: 100,
+  maxBackoffMs: 2000,
+  retryable: RETRYABLE_CODES,
+});
+/** Inside the downtime a retry costs the client more than a failure's rollback would: retry fast. */
+const downtimeRetry: RetryPolicy = { maxAttempts: 3, initialBackoffMs: 20, maxBackoffMs: 200, retryable: RETRYABLE_CODES };
+
+function call(io: StepIo, suffix?: string): { operationKey: string } {
+  return { operationKey: suffix ? `${io.key}/${suffix}` : io.key };
+}
+
+function need<T>(v: T | undefined, what: string): T {
+  if (v === undefined) throw new FerryError("Internal", `migration state lost: ${what} is missing`);
+  return v;
+}
+
+function withOfport(spec: ContainerSpec, ofport: number | undefined): ContainerSpec {
+  return ofport && spec.network ? { ...spec, network: { ...spec.network, ofport } } : spec;
+}
+
+function pathOf(ctx: MigrationCtx): PathSwitch {
+  const spec = need(ctx.out.spec, "spec");
+  const ip = (spec.network?.ipCidr ?? "").split("/")[0] ?? "";
+  return {
+    container: ctx.container,
+    ip,
+    mac: spec.network?.mac ?? "",
+    from: { host: ctx.source.name, ...(ctx.out.sourceOfport ? { ofport: ctx.out.sourceOfport } : {}) },
+    to: { host: ctx.dest.name, ...(ctx.out.destOfport ? { ofport: ctx.out.destOfport } : {}) },
+    migrationId: ctx.id,
+  };
+}
+
+/** Pull one blob from the source into the destination, counting bytes and MB/s. */
+async function pull(ctx: MigrationCtx, io: StepIo, blob: BlobRef, suffix: string): Promise<number> {
+  let workMs = 0;
+  for await (const p of ctx.dest.client.pullBlob(
+    { ...call(io, suffix), blob, sourceAddress: ctx.source.address, sourceServerName: ctx.source.tlsServerName, chunkBytes: 1 << 20 },
+    { signal: io.signal },
+  )) {
+    if (p.done && p.stats) {
+      io.addBytes(p.stats.bytes - p.stats.resumedFrom);
+      io.detail(`${suffix}_mb_per_s`, p.stats.mbPerS);
+      workMs = p.stats.durationMs;
+    }
+  }
+  return workMs;
+}
+
+const inspect: Step<MigrationCtx> = {
+  name: "inspect",
+  timeoutMs: 10_000,
+  retry: retry(3),
+  async run(ctx, io) {
+    const { container } = await ctx.source.client.inspectContainer({ name: ctx.container }, { signal: io.signal });
+    if (!container?.spec) throw FerryError.notFound("container", ctx.container);
+    if (container.state !== ContainerState.CONTAINER_STATE_RUNNING) {
+      throw new FerryError("FailedPrecondition", `container "${ctx.container}" is not running on ${ctx.source.name}`, {
+        fix: "only a running container can be live-migrated; start it first",
+      });
+    }
+    ctx.out.spec = container.spec;
+    ctx.out.imageDigest = container.imageDigest;
+    // The path switch's revert points the flows back at this port: without it a rollback fails.
+    if (container.spec.network?.ofport) ctx.out.sourceOfport = container.spec.network.ofport;
+    await ctx.persist();
+  },
+};
+
+const prepareImage: Step<MigrationCtx> = {
+  name: "prepare-image",
+  timeoutMs: 600_000,
+  retry: retry(4),
+  async run(ctx, io) {
+    const digest = need(ctx.out.imageDigest, "image digest");
+    const { present } = await ctx.dest.client.hasBlobs({ digests: [digest] }, { signal: io.signal });
+    ctx.out.partial = present.includes(digest);
+    io.detail("partial", ctx.out.partial ? 1 : 0);
+    if (!ctx.out.partial) {
+      // Full migration: the image travels too, but ahead of the freeze, so not in the downtime.
+      io.detail("work_ms", await pull(ctx, io, { digest, sizeBytes: 0, kind: BlobKind.BLOB_KIND_IMAGE }, "image"));
+    }
+    await ctx.persist();
+  },
+};
+
+const prepareNetns: Step<MigrationCtx> = {
+  name: "prepare-netns",
+  timeoutMs: 30_000,
+  retry: retry(3),
+  async run(ctx, io) {
+    const spec = need(ctx.out.spec, "spec");
+    // Created locked: same IP and MAC as the source, unreachable until the path switch, and
+    // holding (not resetting) the client's retransmissions until the restore releases the lock.
+    // ofport 0: the destination allocates its own (the source's number may be taken there).
+    const network = { ...spec.network!, ofport: 0 };
+    const r = await ctx.dest.client.createNetns(
+      { ...call(io), container: ctx.container, network, networkLocked: true },
+      { signal: io.signal },
+    );
+    ctx.out.destOfport = r.ofport;
+    await ctx.persist();
+  },
+  async compensate(ctx, io) {
+    await ctx.dest.client.clearNetns({ ...call(io), container: ctx.container }, { signal: io.signal });
+  },
+};
+
+const checkpoint: Step<MigrationCtx> = {
+  name: "checkpoint",
+  timeoutMs: 120_000,
+  retry: downtimeRetry,
+  inDowntime: true,
+  async run(ctx, io) {
+    const r = await ctx.source.client.checkpoint({ ...call(io), name: ctx.container, tcpEstablished: true }, { signal: io.signal });
+    ctx.out.checkpointId = r.checkpointId;
+    ctx.out.connections = r.connections;
+    await ctx.persist();
+    const s = r.stats;
+    if (s) {
+      io.detail("work_ms", s.totalMs);
+      io.detail("criu_frozen_ms", s.frozenMs);
+      io.detail("criu_freezing_ms", s.freezingMs);
+      io.detail("pages_written", s.pagesWritten);
+      io.detail("image_bytes", s.imageBytes);
+    }
+    io.detail("tcp_connections", r.connections.length);
+  },
+  async compensate(ctx, io) {
+    // Roll back: the source still has the checkpoint; bring the container back from it there.
+    const { container } = await ctx.source.client
+      .inspectContainer({ name: ctx.container }, { signal: io.signal })
+      .catch(() => ({ container: undefined }));
+    if (container?.state === ContainerState.CONTAINER_STATE_RUNNING) return;
+    if (!ctx.out.checkpointId) {
+      if (container) return; // the dump never happened: the container was left as it was
+      throw new FerryError("Internal", `container "${ctx.container}" is gone from ${ctx.source.name} and no checkpoint was recorded`);
+    }
+    await ctx.source.client.restore(
+      { ...call(io), spec: ctx.out.spec, checkpointId: ctx.out.checkpointId, tcpEstablished: true },
+      { signal: io.signal },
+    );
+  },
+};
+
+const transfer: Step<MigrationCtx> = {
+  name: "transfer",
+  timeoutMs: 300_000,
+  retry: downtimeRetry,
+  inDowntime: true,
+  async run(ctx, io) {
+    const ex = await ctx.source.client.exportCheckpoint(
+      { ...call(io, "export"), name: ctx.container, checkpointId: need(ctx.out.checkpointId, "checkpoint id") },
+      { signal: io.signal },
+    );
+    ctx.out.checkpointBlob = need(ex.checkpoint, "checkpoint blob");
+    ctx.out.upperBlob = need(ex.upper, "upper blob");
+    await ctx.persist();
+    const [a, b] = await Promise.all([pull(ctx, io, ctx.out.checkpointBlob, "checkpoint"), pull(ctx, io, ctx.out.upperBlob, "upper")]);
+    io.detail("work_ms", ex.durationMs + Math.max(a, b));
+    io.detail("export_ms", ex.durationMs);
+  },
+  async compensate(ctx, io) {
+    // Both copies: the one pulled to the destination and the one exported on the source.
+    await deleteBlobs(ctx, io, "dest");
+    await deleteBlobs(ctx, io, "source");
+  },
+};
+
+const clearSourceNetns: Step<MigrationCtx> = {
+  name: "clear-source-netns",
+  timeoutMs: 30_000,
+  retry: downtimeRetry,
+  inDowntime: true,
+  async run(ctx, io) {
+    const r = await ctx.source.client.clearNetns({ ...call(io), container: ctx.container }, { signal: io.signal });
+    io.detail("veth_wait_ms", r.waitMs);
+  },
+  async compensate(ctx, io) {
+    // The source's restore (the checkpoint's undo, which runs after this) needs its namespace
+    // back, locked as CRIU left it.
+    const spec = need(ctx.out.spec, "spec");
+    const network = { ...spec.network!, ofport: ctx.out.sourceOfport ?? spec.network?.ofport ?? 0 };
+    await ctx.source.client
+      .createNetns({ ...call(io), container: ctx.container, network, networkLocked: true }, { signal: io.signal })
+      .catch((e: unknown) => {
+        if ((e as FerryError).code !== "AlreadyExists") throw e;
+      });
+  },
+};
+
+const switchPath: Step<MigrationCtx> = {
+  name: "switch-path",
+  timeoutMs: 20_000,
+  retry: downtimeRetry,
+  inDowntime: true,
+  async run(ctx, io) {
+    const r = await ctx.sdn.switchPath(pathOf(ctx), io.signal);
+    io.detail("work_ms", r.durationMs);
+    for (const [k, v] of Object.entries(r.details)) io.detail(k, v);
+  },
+  async compensate(ctx, io) {
+    await ctx.sdn.revert(pathOf(ctx), io.signal);
+  },
+};
+
+const restore: Step<MigrationCtx> = {
+  name: "restore",
+  timeoutMs: 120_000,
+  retry: downtimeRetry,
+  inDowntime: true,
+  async run(ctx, io) {
+    const r = await ctx.dest.client.restore(
+      {
+        ...call(io),
+        // The destination's ofport, so that its ContainerInfo (and the next migration) has the real port.
+        spec: withOfport(need(ctx.out.spec, "spec"), ctx.out.destOfport),
+        checkpointBlob: need(ctx.out.checkpointBlob, "checkpoint blob"),
+        upperBlob: need(ctx.out.upperBlob, "upper blob"),
+        tcpEstablished: true,
+        imageDigest: need(ctx.out.imageDigest, "image digest"),
+      },
+      { signal: io.signal },
+    );
+    if (r.stats) {
+      io.detail("work_ms", r.stats.totalMs);
+      io.detail("criu_restore_ms", r.stats.restoreMs);
+      io.detail("unpack_ms", r.stats.unpackMs);
+    }
+  },
+  async compensate(ctx, io) {
+    // A restore that failed half-way may have left a container behind on the destination.
+    await ctx.dest.client
+      .deleteContainer({ ...call(io), name: ctx.container, force: true, keepNetns: true }, { signal: io.signal })
+      .catch((e: unknown) => {
+        if ((e as FerryError).code !== "NotFound") throw e;
+      });
+  },
+};
+
+const cleanupSource: Step<MigrationCtx> = {
+  name: "cleanup-source",
+  timeoutMs: 60_000,
+  retry: retry(6),
+  async run(ctx, io) {
+    await ctx.source.client
+      .deleteContainer({ ...call(io, "container"), name: ctx.container, force: true, keepNetns: true }, { signal: io.signal })
+      .catch((e: unknown) => {
+        if ((e as FerryError).code !== "NotFound") throw e;
+      });
+    if (ctx.out.checkpointId) {
+      await ctx.source.client.deleteCheckpoint({ ...call(io, "checkpoint"), checkpointId: ctx.out.checkpointId }, { signal: io.signal });
+    }
+    // The transfer's blobs served their purpose: the destination has unpacked them.
+    await deleteBlobs(ctx, io, "source");
+    await deleteBlobs(ctx, io, "dest");
+  },
+};
+
+/** Deletes the checkpoint and upper blobs on one side (an absent blob is fine). */
+async function deleteBlobs(ctx: MigrationCtx, io: StepIo, side: "source" | "dest"): Promise<void> {
+  const client = side === "source" ? ctx.source.client : ctx.dest.client;
+  for (const blob of [ctx.out.checkpointBlob, ctx.out.upperBlob]) {
+    if (!blob) continue;
+    await client
+      .deleteBlob({ ...call(io, `${side}-${blob.digest.slice(7, 19)}`), digest: blob.digest }, { signal: io.signal })
+      .catch((e: unknown) => {
+        if ((e as FerryError).code !== "NotFound") throw e;
+      });
+  }
+}
+
+/** Steps that run in parallel inside the downtime: none waits for another. */
+export const TRANSFER_GROUP = "transfer";
+
+/** The stop-and-copy pipeline (COAT's steps, with step 4's parts in parallel and the path switch among them). */
+export function stopAndCopyPipeline(): Stage<MigrationCtx>[] {
+  return [
+    inspect,
+    prepareImage,
+    prepareNetns,
+    checkpoint,
+    { group: TRANSFER_GROUP, steps: [transfer, clearSourceNetns, switchPath] },
+    restore,
+    cleanupSource,
+  ];
+}
+
+export const COMMIT_STEP = "restore";
