@@ -561,9 +561,11 @@ export class FakeNetwork {
                 }
                 after();
               })()
-          : async (req: unknown, o?: { signal?: AbortSignal }) => {
+          : async (req: unknown, o?: { signal?: AbortSignal; onServerMs?: (ms: number) => void }) => {
               const { res, after } = await call(req, o?.signal);
               after();
+              // Like a real agent's ferry-server-ms trailer: the time its stats say it worked.
+              o?.onServerMs?.((res as { stats?: { totalMs?: number } }).stats?.totalMs ?? 0);
               return structuredClone(res);
             };
       }

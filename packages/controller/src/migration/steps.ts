@@ -13,7 +13,7 @@
 // Every agent call carries the step's operation key (`<migration id>/<step>`), so a retried call,
 // or one repeated after a controller restart, is answered from the agent's record.
 import { BlobKind, ContainerState, type BlobRef, type ContainerSpec, type TcpConnection } from "@ferry/api/agent";
-import { FerryError, RETRYABLE_CODES } from "@ferry/common";
+import { FerryError, RETRYABLE_CODES, type CallOpts } from "@ferry/common";
 import type { RetryPolicy, Stage, Step, StepIo } from "../pipeline/types.js";
 import type { AgentClient } from "../hosts.js";
 import type { PathSwitch, Sdn } from "../sdn/index.js";
@@ -60,6 +60,23 @@ const retry = (maxAttempts: number): RetryPolicy => ({
 });
 /** Inside the downtime a retry costs the client more than a failure's rollback would: retry fast. */
 const downtimeRetry: RetryPolicy = { maxAttempts: 3, initialBackoffMs: 20, maxBackoffMs: 200, retryable: RETRYABLE_CODES };
+
+const workOf = new WeakMap<StepIo, number>();
+
+/**
+ * Count time the agents spent on this step (their own report, per call): the step's `work_ms`.
+ * What the step took beyond it is the controller's overhead (RPCs, scheduling, journaling).
+ */
+function addWork(io: StepIo, ms: number): void {
+  const w = (workOf.get(io) ?? 0) + ms;
+  workOf.set(io, w);
+  io.detail("work_ms", Math.round(w));
+}
+
+/** Call options for an agent call made by a step: its signal, and its server time counted as work. */
+function agentOpts(io: StepIo): CallOpts {
+  return { signal: io.signal, onServerMs: (ms) => addWork(io, ms) };
+}
 
 function call(io: StepIo, suffix?: string): { operationKey: string } {
   return { operationKey: suffix ? `${io.key}/${suffix}` : io.key };
@@ -108,7 +125,7 @@ const inspect: Step<MigrationCtx> = {
   timeoutMs: 10_000,
   retry: retry(3),
   async run(ctx, io) {
-    const { container } = await ctx.source.client.inspectContainer({ name: ctx.container }, { signal: io.signal });
+    const { container } = await ctx.source.client.inspectContainer({ name: ctx.container }, agentOpts(io));
     if (!container?.spec) throw FerryError.notFound("container", ctx.container);
     if (container.state !== ContainerState.CONTAINER_STATE_RUNNING) {
       throw new FerryError("FailedPrecondition", `container "${ctx.container}" is not running on ${ctx.source.name}`, {
@@ -129,12 +146,12 @@ const prepareImage: Step<MigrationCtx> = {
   retry: retry(4),
   async run(ctx, io) {
     const digest = need(ctx.out.imageDigest, "image digest");
-    const { present } = await ctx.dest.client.hasBlobs({ digests: [digest] }, { signal: io.signal });
+    const { present } = await ctx.dest.client.hasBlobs({ digests: [digest] }, agentOpts(io));
     ctx.out.partial = present.includes(digest);
     io.detail("partial", ctx.out.partial ? 1 : 0);
     if (!ctx.out.partial) {
       // Full migration: the image travels too, but ahead of the freeze, so not in the downtime.
-      io.detail("work_ms", await pull(ctx, io, { digest, sizeBytes: 0, kind: BlobKind.BLOB_KIND_IMAGE }, "image"));
+      addWork(io, await pull(ctx, io, { digest, sizeBytes: 0, kind: BlobKind.BLOB_KIND_IMAGE }, "image"));
     }
     await ctx.persist();
   },
@@ -152,13 +169,13 @@ const prepareNetns: Step<MigrationCtx> = {
     const network = { ...spec.network!, ofport: 0 };
     const r = await ctx.dest.client.createNetns(
       { ...call(io), container: ctx.container, network, networkLocked: true },
-      { signal: io.signal },
+      agentOpts(io),
     );
     ctx.out.destOfport = r.ofport;
     await ctx.persist();
   },
   async compensate(ctx, io) {
-    await ctx.dest.client.clearNetns({ ...call(io), container: ctx.container }, { signal: io.signal });
+    await ctx.dest.client.clearNetns({ ...call(io), container: ctx.container }, agentOpts(io));
   },
 };
 
@@ -168,13 +185,12 @@ const checkpoint: Step<MigrationCtx> = {
   retry: downtimeRetry,
   inDowntime: true,
   async run(ctx, io) {
-    const r = await ctx.source.client.checkpoint({ ...call(io), name: ctx.container, tcpEstablished: true }, { signal: io.signal });
+    const r = await ctx.source.client.checkpoint({ ...call(io), name: ctx.container, tcpEstablished: true }, agentOpts(io));
     ctx.out.checkpointId = r.checkpointId;
     ctx.out.connections = r.connections;
     await ctx.persist();
     const s = r.stats;
     if (s) {
-      io.detail("work_ms", s.totalMs);
       io.detail("criu_frozen_ms", s.frozenMs);
       io.detail("criu_freezing_ms", s.freezingMs);
       io.detail("pages_written", s.pagesWritten);
@@ -185,7 +201,7 @@ const checkpoint: Step<MigrationCtx> = {
   async compensate(ctx, io) {
     // Roll back: the source still has the checkpoint; bring the container back from it there.
     const { container } = await ctx.source.client
-      .inspectContainer({ name: ctx.container }, { signal: io.signal })
+      .inspectContainer({ name: ctx.container }, agentOpts(io))
       .catch(() => ({ container: undefined }));
     if (container?.state === ContainerState.CONTAINER_STATE_RUNNING) return;
     if (!ctx.out.checkpointId) {
@@ -194,7 +210,7 @@ const checkpoint: Step<MigrationCtx> = {
     }
     await ctx.source.client.restore(
       { ...call(io), spec: ctx.out.spec, checkpointId: ctx.out.checkpointId, tcpEstablished: true },
-      { signal: io.signal },
+      agentOpts(io),
     );
   },
 };
@@ -207,13 +223,14 @@ const transfer: Step<MigrationCtx> = {
   async run(ctx, io) {
     const ex = await ctx.source.client.exportCheckpoint(
       { ...call(io, "export"), name: ctx.container, checkpointId: need(ctx.out.checkpointId, "checkpoint id") },
-      { signal: io.signal },
+      agentOpts(io),
     );
     ctx.out.checkpointBlob = need(ex.checkpoint, "checkpoint blob");
     ctx.out.upperBlob = need(ex.upper, "upper blob");
     await ctx.persist();
     const [a, b] = await Promise.all([pull(ctx, io, ctx.out.checkpointBlob, "checkpoint"), pull(ctx, io, ctx.out.upperBlob, "upper")]);
-    io.detail("work_ms", ex.durationMs + Math.max(a, b));
+    // The two pulls overlap: the longer one is the work (the export's time came with its call).
+    addWork(io, Math.max(a, b));
     io.detail("export_ms", ex.durationMs);
   },
   async compensate(ctx, io) {
@@ -229,7 +246,7 @@ const clearSourceNetns: Step<MigrationCtx> = {
   retry: downtimeRetry,
   inDowntime: true,
   async run(ctx, io) {
-    const r = await ctx.source.client.clearNetns({ ...call(io), container: ctx.container }, { signal: io.signal });
+    const r = await ctx.source.client.clearNetns({ ...call(io), container: ctx.container }, agentOpts(io));
     io.detail("veth_wait_ms", r.waitMs);
   },
   async compensate(ctx, io) {
@@ -238,7 +255,7 @@ const clearSourceNetns: Step<MigrationCtx> = {
     const spec = need(ctx.out.spec, "spec");
     const network = { ...spec.network!, ofport: ctx.out.sourceOfport ?? spec.network?.ofport ?? 0 };
     await ctx.source.client
-      .createNetns({ ...call(io), container: ctx.container, network, networkLocked: true }, { signal: io.signal })
+      .createNetns({ ...call(io), container: ctx.container, network, networkLocked: true }, agentOpts(io))
       .catch((e: unknown) => {
         if ((e as FerryError).code !== "AlreadyExists") throw e;
       });
@@ -252,7 +269,7 @@ const switchPath: Step<MigrationCtx> = {
   inDowntime: true,
   async run(ctx, io) {
     const r = await ctx.sdn.switchPath(pathOf(ctx), io.signal);
-    io.detail("work_ms", r.durationMs);
+    addWork(io, r.durationMs);
     for (const [k, v] of Object.entries(r.details)) io.detail(k, v);
   },
   async compensate(ctx, io) {
@@ -276,10 +293,9 @@ const restore: Step<MigrationCtx> = {
         tcpEstablished: true,
         imageDigest: need(ctx.out.imageDigest, "image digest"),
       },
-      { signal: io.signal },
+      agentOpts(io),
     );
     if (r.stats) {
-      io.detail("work_ms", r.stats.totalMs);
       io.detail("criu_restore_ms", r.stats.restoreMs);
       io.detail("unpack_ms", r.stats.unpackMs);
     }
@@ -287,7 +303,7 @@ const restore: Step<MigrationCtx> = {
   async compensate(ctx, io) {
     // A restore that failed half-way may have left a container behind on the destination.
     await ctx.dest.client
-      .deleteContainer({ ...call(io), name: ctx.container, force: true, keepNetns: true }, { signal: io.signal })
+      .deleteContainer({ ...call(io), name: ctx.container, force: true, keepNetns: true }, agentOpts(io))
       .catch((e: unknown) => {
         if ((e as FerryError).code !== "NotFound") throw e;
       });
@@ -300,12 +316,12 @@ const cleanupSource: Step<MigrationCtx> = {
   retry: retry(6),
   async run(ctx, io) {
     await ctx.source.client
-      .deleteContainer({ ...call(io, "container"), name: ctx.container, force: true, keepNetns: true }, { signal: io.signal })
+      .deleteContainer({ ...call(io, "container"), name: ctx.container, force: true, keepNetns: true }, agentOpts(io))
       .catch((e: unknown) => {
         if ((e as FerryError).code !== "NotFound") throw e;
       });
     if (ctx.out.checkpointId) {
-      await ctx.source.client.deleteCheckpoint({ ...call(io, "checkpoint"), checkpointId: ctx.out.checkpointId }, { signal: io.signal });
+      await ctx.source.client.deleteCheckpoint({ ...call(io, "checkpoint"), checkpointId: ctx.out.checkpointId }, agentOpts(io));
     }
     // The transfer's blobs served their purpose: the destination has unpacked them.
     await deleteBlobs(ctx, io, "source");
@@ -319,7 +335,7 @@ async function deleteBlobs(ctx: MigrationCtx, io: StepIo, side: "source" | "dest
   for (const blob of [ctx.out.checkpointBlob, ctx.out.upperBlob]) {
     if (!blob) continue;
     await client
-      .deleteBlob({ ...call(io, `${side}-${blob.digest.slice(7, 19)}`), digest: blob.digest }, { signal: io.signal })
+      .deleteBlob({ ...call(io, `${side}-${blob.digest.slice(7, 19)}`), digest: blob.digest }, agentOpts(io))
       .catch((e: unknown) => {
         if ((e as FerryError).code !== "NotFound") throw e;
       });
