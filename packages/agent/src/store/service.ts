@@ -75,8 +75,8 @@ export type PeerClientFactory = (address: string, serverName: string) => ReadBlo
 export const MIN_CHUNK_BYTES = 64 * 1024;
 export const MAX_CHUNK_BYTES = 4 * 1024 * 1024;
 export const DEFAULT_READ_CHUNK_BYTES = 1024 * 1024;
-/** Pulls default to the largest chunk: fewer messages, measured fastest on loopback. */
-export const DEFAULT_PULL_CHUNK_BYTES = 4 * 1024 * 1024;
+/** Pulls default to 2 MiB: measured fastest over mTLS on loopback (4 MiB chunks were 2x slower over TLS). */
+export const DEFAULT_PULL_CHUNK_BYTES = 2 * 1024 * 1024;
 
 /**
  * Channel options of a pulling client. The HTTP/2 window is the receiver's setting and grpc-js
@@ -192,7 +192,7 @@ export function createStoreService(opts: StoreServiceOptions): StoreServiceImpl 
       const chunk = chunkBytesOf("chunk_bytes", req.chunkBytes, DEFAULT_READ_CHUNK_BYTES);
       let offset = req.offset;
       let sent = 0;
-      const pacer = new ChunkPacer(Number((await import("node:fs")).readFileSync("/tmp/pacer", "utf8")) || 1e9);
+      const pacer = new ChunkPacer(2);
       for await (const data of store.read(req.digest, offset, chunk)) {
         await pacer.ready(ctx.signal);
         if (ctx.signal.aborted) return;
