@@ -175,7 +175,7 @@ export async function createAgent(cfg: AgentConfig): Promise<Agent> {
 
     // --- containers --------------------------------------------------------------------------
     createContainer: async (req) => {
-      fail.check("createContainer");
+      await fail.check("createContainer");
       const spec = validateSpec(req.spec);
       const digest = await store.resolveImage(spec.image, "spec.image");
       if (
@@ -254,7 +254,7 @@ export async function createAgent(cfg: AgentConfig): Promise<Agent> {
 
     // --- checkpoint and restore ----------------------------------------------------------------
     checkpoint: async (req) => {
-      fail.check("checkpoint");
+      await fail.check("checkpoint");
       const name = validateName("name", req.name);
       requireCriu();
       const r = await runtime.checkpoint(name, {
@@ -275,7 +275,7 @@ export async function createAgent(cfg: AgentConfig): Promise<Agent> {
       return { checkpoint, upper, durationMs: Math.round(performance.now() - started) };
     },
     restore: async (req) => {
-      fail.check("restore");
+      await fail.check("restore");
       const started = performance.now();
       const spec = validateSpec(req.spec);
       requireCriu();
@@ -334,7 +334,7 @@ export async function createAgent(cfg: AgentConfig): Promise<Agent> {
 
     // --- network -------------------------------------------------------------------------------
     createNetns: async (req) => {
-      fail.check("createNetns");
+      await fail.check("createNetns");
       const container = validateName("container", req.container);
       const net = req.network;
       if (!net?.ipCidr)

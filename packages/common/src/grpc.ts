@@ -116,7 +116,15 @@ function contextOf(call: AnyCall, method: string, peer: Peer): CallContext {
 async function writeAll(call: ServerWritableStream<unknown, unknown>, items: AsyncIterable<unknown>, signal: AbortSignal): Promise<void> {
   for await (const item of items) {
     if (signal.aborted) return;
-    if (!call.write(item)) await Promise.race([once(call, "drain"), once(signal as unknown as NodeJS.EventEmitter, "abort")]);
+    if (!call.write(item)) {
+      // Both waits are cancelled when one wins: a listener per backpressure wait would pile up.
+      const ac = new AbortController();
+      await Promise.race([
+        once(call, "drain", { signal: ac.signal }),
+        once(signal as unknown as NodeJS.EventEmitter, "abort", { signal: ac.signal }),
+      ]).catch(() => undefined);
+      ac.abort();
+    }
   }
 }
 
@@ -365,6 +373,9 @@ export function connect<S extends ServiceDef>(definition: S, messages: Record<st
         );
         o?.signal?.addEventListener("abort", () => call.cancel(), { once: true });
         reportServerTime(call, o);
+        // Errors reach the caller through the iterator; a stream never iterated (or abandoned)
+        // must not take the process down with an unhandled 'error' event.
+        call.on("error", () => undefined);
         return (async function* () {
           try {
             for await (const item of call) yield item as unknown;

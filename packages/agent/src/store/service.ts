@@ -147,6 +147,8 @@ async function nextOrAbort<T>(it: AsyncIterator<T>, signal: AbortSignal): Promis
 }
 
 const MB = 1e6;
+/** sha256 of zero bytes. */
+const EMPTY_DIGEST = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
 /**
  * The content-addressed store's part of AgentService as plain functions (see `serve()` in
@@ -239,6 +241,13 @@ export function createStoreService(opts: StoreServiceOptions): StoreServiceImpl 
     async *pullBlob(req, ctx): AsyncGenerator<PullBlobResponse> {
       validateOperationKey("operation_key", req.operationKey);
       const ref = blobRefOf("blob", req.blob);
+      if (ref.sizeBytes === 0 && ref.digest !== EMPTY_DIGEST) {
+        throw FerryError.invalid(
+          "blob.size_bytes",
+          "is 0 for a non-empty blob",
+          "give the blob's size (GetBlobStatus on the source tells it)",
+        );
+      }
       if (!req.sourceAddress) throw FerryError.invalid("source_address", "is required", 'give the source agent\'s "host:port"');
       const chunkBytes = chunkBytesOf("chunk_bytes", req.chunkBytes, DEFAULT_PULL_CHUNK_BYTES);
       const source = req.sourceAddress;

@@ -151,7 +151,16 @@ const prepareImage: Step<MigrationCtx> = {
     io.detail("partial", ctx.out.partial ? 1 : 0);
     if (!ctx.out.partial) {
       // Full migration: the image travels too, but ahead of the freeze, so not in the downtime.
-      addWork(io, await pull(ctx, io, { digest, sizeBytes: 0, kind: BlobKind.BLOB_KIND_IMAGE }, "image"));
+      const { complete, receivedBytes } = await ctx.source.client.getBlobStatus({ digest }, agentOpts(io));
+      if (!complete) throw new FerryError("FailedPrecondition", `the source ${ctx.source.name} does not hold the image ${digest} any more`);
+      addWork(io, await pull(ctx, io, { digest, sizeBytes: receivedBytes, kind: BlobKind.BLOB_KIND_IMAGE }, "image"));
+      // Name it there as on the source, unless that name means another image there: the
+      // destination can then run new containers of this image by name too.
+      const name = need(ctx.out.spec, "spec").image;
+      if (!name.startsWith("sha256:")) {
+        const { images } = await ctx.dest.client.listImages({}, agentOpts(io));
+        if (!images.some((i) => i.name === name)) await ctx.dest.client.tagImage({ ...call(io, "tag"), name, digest }, agentOpts(io));
+      }
     }
     await ctx.persist();
   },
@@ -167,10 +176,7 @@ const prepareNetns: Step<MigrationCtx> = {
     // holding (not resetting) the client's retransmissions until the restore releases the lock.
     // ofport 0: the destination allocates its own (the source's number may be taken there).
     const network = { ...spec.network!, ofport: 0 };
-    const r = await ctx.dest.client.createNetns(
-      { ...call(io), container: ctx.container, network, networkLocked: true },
-      agentOpts(io),
-    );
+    const r = await ctx.dest.client.createNetns({ ...call(io), container: ctx.container, network, networkLocked: true }, agentOpts(io));
     ctx.out.destOfport = r.ofport;
     await ctx.persist();
   },
