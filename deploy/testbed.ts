@@ -1,14 +1,13 @@
 // The edge testbed on one machine: `make testbed-up` / `make testbed-down`.
 //
-//   ferry-edge-a   ferry-edge-b   ferry-edge-c      each: its own ovsdb-server + ovs-vswitchd
-//     agent          agent          agent           (userspace datapath) and a ferry-agent
-//        \_____________|______________/             edge mesh: VXLAN built by the controller
-//                      |                            client ↔ edges: VXLAN built by the testbed
-//              ferry-client-host ── ferry-client (10.77.0.100/24, the client workload)
-//   underlay 172.31.0.0/24 (namespace ferry-underlay), root namespace at .254: the controller
-//
-// The client host sends the overlay subnet to its access host edge-a; edge hosts forward each
-// container's IP to whichever host holds it (flows set by the controller through the agents).
+//   ferry-edge-a   ferry-edge-b   ferry-edge-c   ferry-client-host     each: its own ovsdb-server +
+//     agent          agent          agent          agent (cordoned)    ovs-vswitchd (userspace) and
+//        \_____________|______________|_______________/                a ferry-agent
+//                 VXLAN mesh, built by the controller                  underlay 172.31.0.0/24
+//                                                                      (ferry-underlay); the root
+//   ferry-client (10.77.0.100/24): the client workload, a Ferry        namespace at .254 runs the
+//   container on the client host, so that the controller programs      controller
+//   every switch, the client's too, when a service moves.
 import { existsSync } from "node:fs";
 import { mkdir, readFile, rm, writeFile } from "node:fs/promises";
 import path from "node:path";
@@ -23,6 +22,7 @@ import { REPO_ROOT, Testbed, pushImage, spawnAgent, spawnDetached, stopPid } fro
 export const PREFIX = "ferry-";
 export const EDGES = ["edge-a", "edge-b", "edge-c"];
 export const CLIENT_HOST = "client-host";
+const HOSTS = [...EDGES, CLIENT_HOST];
 export const CLIENT_NETNS = "ferry-client";
 export const CLIENT_IP = "10.77.0.100";
 export const UNDERLAY = "172.31.0";
@@ -65,22 +65,25 @@ export async function up(): Promise<void> {
     CERTS,
     "controller:controller",
     "admin:admin",
-    ...EDGES.map((e) => `agent:${e}`),
+    ...HOSTS.map((e) => `agent:${e}`),
   ]);
-  const st: State = { prefix: PREFIX, hosts: [...EDGES, CLIENT_HOST], workloads: [CLIENT_NETNS], pids: {} };
+  const st: State = { prefix: PREFIX, hosts: HOSTS, workloads: [CLIENT_NETNS], pids: {} };
   await saveState(st); // first: a failure half-way is still torn down by `down`
   const tb = await Testbed.create({ prefix: PREFIX, underlayNet: UNDERLAY, meshEdges: false, detachDaemons: true });
-  for (const e of EDGES) await tb.createHost({ name: e });
-  const clientHost = await tb.createHost({ name: CLIENT_HOST, role: "client" });
+  for (const h of HOSTS) await tb.createHost({ name: h });
   await tb.attachRoot();
-  await tb.addWorkload(clientHost, { name: "client", netns: CLIENT_NETNS, ipCidr: `${CLIENT_IP}/24`, ofport: 10 });
-  await tb.routeSubnet(clientHost, "10.77.0.0/24", tb.host("edge-a"));
-  say(`hosts up: ${[...EDGES, CLIENT_HOST].map((h) => PREFIX + h).join(", ")}, client workload ${CLIENT_NETNS} at ${CLIENT_IP}/24`);
+  say(`hosts up: ${HOSTS.map((h) => PREFIX + h).join(", ")}`);
 
-  for (const e of EDGES) {
-    const host = tb.host(e);
-    const a = await spawnAgent({ host, certsDir: CERTS, stateDir: path.join(DIR, e), detachedLog: path.join(DIR, `${e}.log`) });
-    st.pids[`agent-${e}`] = a.child.pid!;
+  for (const h of HOSTS) {
+    const a = await spawnAgent({
+      host: tb.host(h),
+      certsDir: CERTS,
+      stateDir: path.join(DIR, h),
+      detachedLog: path.join(DIR, `${h}.log`),
+      // The client host's one container is the client workload: /run/netns/ferry-client.
+      ...(h === CLIENT_HOST ? { netnsPrefix: PREFIX } : {}),
+    });
+    st.pids[`agent-${h}`] = a.child.pid!;
     await saveState(st);
   }
   const ctl = await spawnDetached(
@@ -104,15 +107,22 @@ export async function up(): Promise<void> {
 
   const admin = controllerClient();
   try {
-    for (const e of EDGES) {
-      const h = tb.host(e);
-      await admin.registerHost({ name: e, address: `${h.underlayIp}:7441`, tlsServerName: e, underlayIp: h.underlayIp });
+    for (const h of HOSTS) {
+      const host = tb.host(h);
+      await admin.registerHost({ name: h, address: `${host.underlayIp}:7441`, tlsServerName: h, underlayIp: host.underlayIp });
     }
+    const digest = await importTestkit(tb);
+    say(`image testkit (${digest.slice(0, 19)}…) on ${HOSTS.join(", ")}`);
+    await admin.runContainer({
+      host: CLIENT_HOST,
+      spec: { name: "client", image: "testkit", args: ["/bin/busybox", "sleep", "999999999"], network: { ipCidr: `${CLIENT_IP}/24` } },
+    });
+    // Nothing else lands on the client host: it is there to hold the client.
+    await admin.drainHost({ name: CLIENT_HOST, cordonOnly: true });
   } finally {
     admin.close();
   }
-  const digest = await importTestkit(tb);
-  say(`image testkit (${digest.slice(0, 19)}…) on ${EDGES.join(", ")}`);
+  say(`client workload ${CLIENT_NETNS} at ${CLIENT_IP}/24 on ${CLIENT_HOST} (cordoned)`);
   await writeFile(
     path.join(REPO_ROOT, ".ferry/testbed.env"),
     [
@@ -138,7 +148,7 @@ async function importTestkit(tb: Testbed): Promise<string> {
     },
   );
   let digest = "";
-  for (const e of EDGES) {
+  for (const e of HOSTS) {
     const c = connect(agentServiceDefinition, agentApi as unknown as Record<string, unknown>, {
       address: `${tb.host(e).underlayIp}:7441`,
       security: security("controller"),
@@ -156,12 +166,12 @@ async function importTestkit(tb: Testbed): Promise<string> {
 export async function down(): Promise<void> {
   const st: State = existsSync(STATE)
     ? (JSON.parse(await readFile(STATE, "utf8")) as State)
-    : { prefix: PREFIX, hosts: [...EDGES, CLIENT_HOST], workloads: [CLIENT_NETNS], pids: {} };
+    : { prefix: PREFIX, hosts: HOSTS, workloads: [CLIENT_NETNS], pids: {} };
   // Containers first, through their agents: runc containers outlive the agent that made them.
-  for (const e of EDGES) {
+  for (const e of HOSTS) {
     if (!st.pids[`agent-${e}`]) continue;
     const c = connect(agentServiceDefinition, agentApi as unknown as Record<string, unknown>, {
-      address: `${UNDERLAY}.${EDGES.indexOf(e) + 1}:7441`,
+      address: `${UNDERLAY}.${HOSTS.indexOf(e) + 1}:7441`,
       security: security("controller"),
       serverName: e,
     });

@@ -30,7 +30,8 @@ hosts
   hosts [--json]                                the edge hosts and their resources
   host add NAME ADDRESS [--server-name N] [--underlay-ip IP]
   host rm NAME                                  forget a host
-  host drain NAME                               migrate everything off a host
+  host drain NAME [--cordon-only]               migrate everything off a host (or only stop
+                                                new containers and migrations landing there)
   images [--host H] [--json]                    images on each host
 
 containers
@@ -217,6 +218,7 @@ export async function run(argv: string[], env: NodeJS.ProcessEnv, io: Io, client
         cooldown: { type: "string" },
         schedule: { type: "string" },
         disabled: { type: "boolean" },
+        "cordon-only": { type: "boolean" },
       },
     });
   } catch (e) {
@@ -271,7 +273,7 @@ export async function run(argv: string[], env: NodeJS.ProcessEnv, io: Io, client
           return 0;
         }
         if (sub === "drain" && hname) {
-          const r = await c.drainHost({ name: hname });
+          const r = await c.drainHost({ name: hname, cordonOnly: v["cordon-only"] === true });
           print(r, () => (r.migrationIds.length ? `started ${r.migrationIds.join(", ")}\n` : "nothing to move\n"));
           return 0;
         }

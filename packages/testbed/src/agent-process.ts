@@ -16,6 +16,8 @@ export interface AgentProcessOptions {
   /** Run packages/agent/src/main.ts through tsx (tests) instead of the built dist/main.js. */
   fromSource?: boolean;
   env?: NodeJS.ProcessEnv;
+  /** Container namespaces' prefix; default the host's own ("<host netns>-"). */
+  netnsPrefix?: string;
   /** More ferry-agent flags, e.g. ["--criu", "/path/to/criu"]. */
   extraArgs?: string[];
   /**
@@ -59,7 +61,7 @@ export async function spawnAgent(o: AgentProcessOptions): Promise<AgentProcess> 
     o.stateDir,
     ...(o.certsDir ? ["--tls-dir", o.certsDir] : ["--insecure"]),
     "--netns-prefix",
-    o.host.netnsPrefix,
+    o.netnsPrefix ?? o.host.netnsPrefix,
     "--ovs-rundir",
     o.host.ovsDir,
     "--ovs-db",
