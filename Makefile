@@ -52,10 +52,18 @@ demo: deps build
 clean:
 	rm -rf packages/*/dist packages/*/tsconfig.tsbuildinfo packages/api/src/gen .ferry/stamps
 
-.PHONY: testbed-up testbed-down bench
+.PHONY: testbed-up testbed-down bench bench-streaming
 # The emulated edge testbed (deploy/testbed.ts): three edge hosts, a client host, agents, a controller.
 testbed-up: deps build
 	@npx tsx --conditions=source deploy/testbed.ts up
 
 testbed-down:
 	@npx tsx --conditions=source deploy/testbed.ts down
+
+# COAT's experiments, the SSH baseline against Ferry, interleaved (bench/README.md); ~10 min.
+bench: deps build
+	@npx tsx --conditions=source bench/run.ts
+
+# Image streaming over gRPC against a raw socket.
+bench-streaming: deps build
+	@npx tsx --conditions=source bench/streaming.ts

@@ -74,10 +74,10 @@ export async function makeCluster(edges: string[], agentEnv: Record<string, Node
       );
       c.controller = child;
       let log = "";
-      child.stderr!.on("data", (d: Buffer) => (log = (log + d.toString()).slice(-8000)));
+      child.stderr.on("data", (d: Buffer) => (log = (log + d.toString()).slice(-8000)));
       await new Promise<void>((resolve, reject) => {
         let out = "";
-        child.stdout!.on("data", (d: Buffer) => {
+        child.stdout.on("data", (d: Buffer) => {
           out += d.toString();
           if (/ready port=/.test(out)) resolve();
         });
@@ -179,8 +179,8 @@ export function echoClient(
   });
   let out = "";
   let err = "";
-  child.stdout!.on("data", (d: Buffer) => (out += d.toString()));
-  child.stderr!.on("data", (d: Buffer) => (err += d.toString()));
+  child.stdout.on("data", (d: Buffer) => (out += d.toString()));
+  child.stderr.on("data", (d: Buffer) => (err += d.toString()));
   const done = new Promise<{ code: number | null; out: string }>((resolve) => child.on("close", (code) => resolve({ code, out })));
   return { child, stderr: () => err, done };
 }

@@ -61,8 +61,8 @@ function inClient(
   const child = spawn("nsenter", [`--net=${bed.workload.netnsPath}`, cmd, ...args], { stdio: ["ignore", "pipe", "pipe"] });
   let out = "";
   let err = "";
-  child.stdout!.on("data", (d: Buffer) => (out += d.toString()));
-  child.stderr!.on("data", (d: Buffer) => (err += d.toString()));
+  child.stdout.on("data", (d: Buffer) => (out += d.toString()));
+  child.stderr.on("data", (d: Buffer) => (err += d.toString()));
   const done = new Promise<{ code: number | null; out: string; err: string }>((resolve) =>
     child.on("close", (code) => resolve({ code, out, err })),
   );

@@ -123,7 +123,7 @@ export async function createAgent(cfg: AgentConfig): Promise<Agent> {
   function requireCriu(): void {
     const v = capabilities.criu?.version ?? "";
     if (capabilities.criu?.checkOk !== true || !versionAtLeast(v, MIN_CRIU)) {
-      const what = `${v ? `version ${v}` : "missing"}${capabilities.criu?.checkOk ? "" : " or fails \`criu check\`"}`;
+      const what = `${v ? `version ${v}` : "missing"}${capabilities.criu?.checkOk ? "" : " or fails `criu check`"}`;
       throw new FerryError("FailedPrecondition", `CRIU on ${cfg.name} is ${what}; Ferry needs ${MIN_CRIU} or newer`, {
         fix: "run deploy/host/setup.sh on this host: it installs CRIU 4.2 (older CRIU fails on TCP sockets with kernels >= 6.16)",
       });

@@ -15,7 +15,7 @@ import {
   MigrationState,
   Policy,
   Resource,
-  StepRecord,
+  type StepRecord,
   StepState,
 } from "@ferry/api/controller";
 import { ContainerState } from "@ferry/api/agent";

@@ -80,19 +80,23 @@ export class MigrationJournal implements MigrationRecordSink {
   }
 
   /** A copy of the migration, or undefined. */
-  async get(id: string): Promise<Migration | undefined> {
-    checkId(id);
+  get(id: string): Promise<Migration | undefined> {
+    try {
+      checkId(id);
+    } catch (e) {
+      return Promise.reject(e as Error);
+    }
     const m = this.cache.get(id);
-    return m ? Migration.fromJSON(Migration.toJSON(m)) : undefined;
+    return Promise.resolve(m ? Migration.fromJSON(Migration.toJSON(m)) : undefined);
   }
 
   /** Newest first (by createdAt, then id). */
-  async list(filter: ListMigrationsFilter = {}): Promise<Migration[]> {
+  list(filter: ListMigrationsFilter = {}): Promise<Migration[]> {
     let all = [...this.cache.values()];
     if (filter.container) all = all.filter((m) => m.container === filter.container);
     all.sort((a, b) => (b.createdAt?.getTime() ?? 0) - (a.createdAt?.getTime() ?? 0) || (a.id < b.id ? 1 : a.id > b.id ? -1 : 0));
     if (filter.limit) all = all.slice(0, filter.limit);
-    return all.map((m) => Migration.fromJSON(Migration.toJSON(m)));
+    return Promise.resolve(all.map((m) => Migration.fromJSON(Migration.toJSON(m))));
   }
 
   /** Migrations in PENDING, RUNNING, CANCELLING or ROLLING_BACK: what a restarted controller must resume. */

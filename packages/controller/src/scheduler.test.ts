@@ -1,5 +1,5 @@
 import { ContainerState, type GetResourcesResponse } from "@ferry/api/agent";
-import { FerryError } from "@ferry/common";
+import { type FerryError } from "@ferry/common";
 import { describe, expect, it } from "vitest";
 import { checkAdmission, type IncomingContainer } from "./admission.js";
 import { MigrationScheduler } from "./scheduler.js";

@@ -1,5 +1,20 @@
 import { createHash, randomBytes } from "node:crypto";
-import { chown, lstat, mkdir, mkdtemp, open, readFile, readlink, readdir, rm, stat, symlink, writeFile, chmod, link } from "node:fs/promises";
+import {
+  chown,
+  lstat,
+  mkdir,
+  mkdtemp,
+  open,
+  readFile,
+  readlink,
+  readdir,
+  rm,
+  stat,
+  symlink,
+  writeFile,
+  chmod,
+  link,
+} from "node:fs/promises";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -123,7 +138,11 @@ describe("BlobStore tars", () => {
   it("re-hashes an existing partial on resume, so a blob completed across processes verifies", async () => {
     const root = path.join(work, "store4");
     const data = randomBytes(3 * MiB);
-    const ref = { digest: `sha256:${createHash("sha256").update(data).digest("hex")}`, sizeBytes: data.length, kind: BlobKind.BLOB_KIND_CHECKPOINT };
+    const ref = {
+      digest: `sha256:${createHash("sha256").update(data).digest("hex")}`,
+      sizeBytes: data.length,
+      kind: BlobKind.BLOB_KIND_CHECKPOINT,
+    };
     const first = new BlobStore({ root, fsync: false });
     const w1 = await first.openWriter(ref, 0);
     await w1.write(data.subarray(0, MiB + 5));

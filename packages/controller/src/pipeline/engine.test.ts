@@ -65,7 +65,7 @@ describe("runPipeline: the happy path", () => {
     const b = barrier(3);
     let running = 0;
     let maxRunning = 0;
-    const par = (io: StepIo) => {
+    const par = (_io: StepIo) => {
       running++;
       maxRunning = Math.max(maxRunning, running);
       // Each waits for the other two: a sequential engine would deadlock here and time out.
@@ -163,7 +163,9 @@ describe("runPipeline: retries and timeouts", () => {
       timeoutMs: 30,
       retry: fastRetry(2),
       run: (io) => {
-        io.signal.addEventListener("abort", () => (sawAbort = io.signal.reason));
+        io.signal.addEventListener("abort", () => {
+          sawAbort = io.signal.reason as unknown;
+        });
         return new Promise(() => undefined); // never settles
       },
     });

@@ -414,7 +414,7 @@ class PipelineRun<C> {
     // A step that throws synchronously is caught the same way as one that rejects.
     const work = Promise.resolve().then(() => fn(ac.signal));
     const aborted = new Promise<never>((_, reject) => {
-      ac.signal.addEventListener("abort", () => reject(ac.signal.reason), { once: true });
+      ac.signal.addEventListener("abort", () => reject(asFerryError(ac.signal.reason)), { once: true });
     });
     aborted.catch(() => undefined);
     try {

@@ -1,5 +1,5 @@
 // Fakes for the engine's tests (not exported from the package): scripted steps and a sink.
-import { Migration, MigrationState, StepState, type StepRecord } from "@ferry/api/controller";
+import { Migration, type MigrationState, type StepState, type StepRecord } from "@ferry/api/controller";
 import { FerryError, RETRYABLE_CODES } from "@ferry/common";
 import type { MigrationRecordSink, RetryPolicy, Step, StepIo } from "./types.js";
 
