@@ -188,14 +188,19 @@ describe("ferry end to end", () => {
     await connected(client);
     const r = await c.ferry("migrate", "phoenix", "--to", "edge-b", "--detach");
     const id = r.out.trim();
-    // Kill it once the checkpoint is done: the container is frozen, its restore on edge-b stalls.
-    for (let i = 0; i < 200; i++) {
+    // Kill it while the restore runs on edge-b (stalled 3 s by a failpoint): the container is
+    // dumped on edge-a and half-way to edge-b, the worst moment to lose the controller.
+    let seen = "";
+    for (let i = 0; i < 200 && seen !== "STEP_STATE_RUNNING"; i++) {
       const m = await c.ferryJson<Mig>("migration", id);
-      if (m.steps.find((s) => s.name === "checkpoint")?.state === "STEP_STATE_DONE") break;
-      await new Promise((res) => setTimeout(res, 50));
+      seen = m.steps.find((s) => s.name === "restore")?.state ?? "";
+      if (seen !== "STEP_STATE_RUNNING") await new Promise((res) => setTimeout(res, 50));
     }
+    expect(seen).toBe("STEP_STATE_RUNNING");
     await c.killController();
     await c.startController();
+    // The stalled restore wakes up after the controller is back: let it, then count copies.
+    await new Promise((res) => setTimeout(res, 3500));
     let m: Mig | undefined;
     for (let i = 0; i < 300; i++) {
       m = await c.ferryJson<Mig>("migration", id).catch(() => undefined);
