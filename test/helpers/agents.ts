@@ -131,12 +131,26 @@ export async function makeBed(hostNames: string[]): Promise<Bed> {
  * Route a container's IP to `holder` on every host: through the agents' SetFlows where there is
  * an agent, directly on the client host (which has none).
  */
-export async function routeTo(bed: Bed, ip: string, holder: EmulatedHost, ofport: number): Promise<void> {
+export async function routeTo(
+  bed: Bed,
+  ip: string,
+  holder: EmulatedHost,
+  ofport: number,
+  order?: [first: EmulatedHost, last: EmulatedHost],
+): Promise<void> {
   const port = (h: EmulatedHost): number => (h === holder ? ofport : h.vxlanPortTo(holder).ofport);
-  await Promise.all([
-    ...[...bed.edges.values()].map((e) => e.client.setFlows({ bridge: e.host.bridge, flows: endpointFlows(ip, port(e.host)) })),
-    bed.clientHost.setFlows(endpointFlows(ip, port(bed.clientHost))),
-  ]);
+  const set = (h: EmulatedHost): Promise<unknown> => {
+    const e = [...bed.edges.values()].find((x) => x.host === h);
+    return e ? e.client.setFlows({ bridge: h.bridge, flows: endpointFlows(ip, port(h)) }) : h.setFlows(endpointFlows(ip, port(h)));
+  };
+  const all = [...[...bed.edges.values()].map((e) => e.host), bed.clientHost];
+  if (!order) {
+    await Promise.all(all.map(set));
+    return;
+  }
+  await set(order[0]);
+  await Promise.all(all.filter((h) => h !== order[0] && h !== order[1]).map(set));
+  await set(order[1]);
 }
 
 export interface MigrationTimes {
@@ -154,7 +168,24 @@ export interface MigrationTimes {
  * locked ahead; checkpoint; transfer ‖ clear the source namespace ‖ switch the path; restore;
  * then the source's copy is deleted.
  */
-export async function migrateViaAgents(bed: Bed, spec: ContainerSpec, from: string, to: string, key: string): Promise<MigrationTimes> {
+export interface MigrateOptions {
+  /** Clear the source namespace inside the downtime, in parallel with the transfer (COAT's
+   *  order), instead of after the restore. */
+  clearInDowntime?: boolean;
+  /** Switch the flows host by host (destination, then the others, then the source). */
+  sequentialSwitch?: boolean;
+  /** Dump the memory pages straight into a page server on the destination. */
+  pageServer?: boolean;
+}
+
+export async function migrateViaAgents(
+  bed: Bed,
+  spec: ContainerSpec,
+  from: string,
+  to: string,
+  key: string,
+  opts: MigrateOptions = {},
+): Promise<MigrationTimes> {
   const src = bed.edges.get(from)!;
   const dst = bed.edges.get(to)!;
   const ip = spec.network!.ipCidr.split("/")[0]!;
@@ -175,8 +206,14 @@ export async function migrateViaAgents(bed: Bed, spec: ContainerSpec, from: stri
     networkLocked: true,
   });
   const prepareMs = performance.now() - t0;
+  const ps = opts.pageServer ? await dst.client.startPageServer({ operationKey: `${key}/ps`, checkpointId: `ps-${key}` }) : undefined;
   const t1 = performance.now();
-  const cp = await src.client.checkpoint({ operationKey: `${key}/checkpoint`, name: spec.name, tcpEstablished: true });
+  const cp = await src.client.checkpoint({
+    operationKey: `${key}/checkpoint`,
+    name: spec.name,
+    tcpEstablished: true,
+    ...(ps ? { pageServer: { address: ps.address, port: ps.port } } : {}),
+  });
   const checkpointMs = performance.now() - t1;
   const t2 = performance.now();
   const pull = async (blob: BlobRef | undefined, k: string): Promise<void> => {
@@ -193,8 +230,8 @@ export async function migrateViaAgents(bed: Bed, spec: ContainerSpec, from: stri
       ex = await src.client.exportCheckpoint({ operationKey: `${key}/export`, name: spec.name, checkpointId: cp.checkpointId });
       await Promise.all([pull(ex.checkpoint, "pull-checkpoint"), pull(ex.upper, "pull-upper")]);
     })(),
-    src.client.clearNetns({ operationKey: `${key}/clear`, container: spec.name }),
-    routeTo(bed, ip, dst.host, ns.ofport),
+    opts.clearInDowntime ? src.client.clearNetns({ operationKey: `${key}/clear`, container: spec.name }) : Promise.resolve(),
+    routeTo(bed, ip, dst.host, ns.ofport, opts.sequentialSwitch ? [dst.host, src.host] : undefined),
   ]);
   const transferMs = performance.now() - t2;
   const t3 = performance.now();
@@ -205,10 +242,16 @@ export async function migrateViaAgents(bed: Bed, spec: ContainerSpec, from: stri
     upperBlob: ex!.upper,
     tcpEstablished: true,
     imageDigest: cp.imageDigest,
+    ...(ps ? { checkpointId: `ps-${key}` } : {}),
   });
   const restoreMs = performance.now() - t3;
   const downtimeMs = performance.now() - t1;
-  await src.client.deleteContainer({ operationKey: `${key}/cleanup`, name: spec.name, force: true, keepNetns: true });
+  await src.client.deleteContainer({
+    operationKey: `${key}/cleanup`,
+    name: spec.name,
+    force: true,
+    keepNetns: opts.clearInDowntime === true,
+  });
   await src.client.deleteCheckpoint({ operationKey: `${key}/cleanup-cp`, checkpointId: cp.checkpointId });
   return {
     prepareMs,

@@ -147,6 +147,33 @@ describe("live migration between two agents", () => {
     await removeEverywhere("echo");
   }, 240_000);
 
+  it("migrates with the memory pages dumped straight into the destination's page server", async () => {
+    const spec = specOf("paged", "10.77.0.14", ["/usr/local/bin/ferry-echo", "7000", "32"]);
+    await runContainer("edge-a", spec);
+    const client = inClient(bed.echoClient, ["10.77.0.14", "7000", "--rate", "100000", "--drain", "15"]);
+    await waitFor("the client to connect", () => /connected serial=1/.test(client.stderr()));
+    const plain = await migrateViaAgents(bed, spec, "edge-a", "edge-b", "paged-0");
+    const paged = await migrateViaAgents(bed, spec, "edge-b", "edge-a", "paged-1", { pageServer: true });
+    // The pages went to the page server: what travels afterwards is a fraction of a full dump.
+    expect(paged.imageBytes).toBeLessThan(plain.imageBytes / 4);
+    client.child.kill("SIGTERM");
+    const { code, out } = await client.done;
+    const report = JSON.parse(out) as EchoReport;
+    console.log(
+      JSON.stringify({
+        plain_checkpoint_bytes: plain.imageBytes,
+        paged_checkpoint_bytes: paged.imageBytes,
+        plain_downtime_ms: Math.round(plain.downtimeMs),
+        paged_downtime_ms: Math.round(paged.downtimeMs),
+      }),
+    );
+    expect(code).toBe(0);
+    expect(report.serial).toBe(1);
+    expect(report.errors).toBe(0);
+    expect(report.checked).toBe(report.sent);
+    await removeEverywhere("paged");
+  }, 120_000);
+
   it("keeps iperf3 -R running across a migration", async () => {
     const spec = specOf("iperf", "10.77.0.11", ["/usr/bin/iperf3", "-s", "-p", "5201"]);
     await runContainer("edge-a", spec);

@@ -290,7 +290,12 @@ export async function createAgent(cfg: AgentConfig): Promise<Agent> {
         : await store.resolveImage(spec.image, "spec.image");
       const lowerDir = await store.lowerDir(digest);
       let checkpointDir: string;
-      if (req.checkpointBlob?.digest) {
+      if (req.checkpointBlob?.digest && req.checkpointId) {
+        // The pages came straight from the source's dump through a page server into this
+        // checkpoint; the blob holds the rest of the images.
+        checkpointDir = await runtime.mergeCheckpoint(req.checkpointId, await store.pathOf(req.checkpointBlob.digest));
+        if (req.upperBlob?.digest) await runtime.unpackUpper(spec.name, await store.pathOf(req.upperBlob.digest));
+      } else if (req.checkpointBlob?.digest) {
         // Blobs are tars: unpack straight from the store's file.
         const id = `${spec.name}-${req.checkpointBlob.digest.slice(7, 19)}`;
         // A retried restore unpacks again: a half-unpacked directory must not be restored from.

@@ -677,6 +677,19 @@ export class ContainerRuntime {
     return this.tarDir(dir, `${id}-checkpoint`);
   }
 
+  /**
+   * Unpack a checkpoint tar over checkpoints/<id>, which a page server has filled with the memory
+   * pages: the tar holds the rest of the dump (the source's images without pages). Returns its dir.
+   */
+  async mergeCheckpoint(id: string, tarPath: string): Promise<string> {
+    const dir = this.checkpointDir(id);
+    if (!(await exists(path.join(dir, "images")))) {
+      throw FerryError.notFound("checkpoint", id, "start a page server for it (StartPageServer) and dump to it first");
+    }
+    await this.untar(tarPath, dir);
+    return dir;
+  }
+
   /** Unpack a checkpoint tar as checkpoints/<id>; returns its dir. */
   async unpackCheckpoint(id: string, tarPath: string): Promise<string> {
     const dir = this.checkpointDir(id);

@@ -86,9 +86,17 @@ export class Criu implements CriuApi {
       const port = opts.port || (await freePort(opts.address));
       await rm(opts.pidFile, { force: true });
       try {
+        // Through a shell that points stdio at a log first: the daemon (-d) keeps the fds it was
+        // given, and with ours it would hold our pipes open and exec would never return.
+        const logFile = path.join(path.dirname(opts.pidFile), "page-server.log");
         await exec(
-          this.path,
+          "sh",
           [
+            "-c",
+            'log=$1; shift; exec "$@" </dev/null >>"$log" 2>&1',
+            "sh",
+            logFile,
+            this.path,
             "page-server",
             "--address",
             opts.address,
@@ -103,8 +111,13 @@ export class Criu implements CriuApi {
           { timeoutMs: 30_000 },
         );
       } catch (e) {
-        if (opts.port === 0 && attempt < 3 && e instanceof ExecError && /in use/i.test(e.stderr)) continue;
-        throw new FerryError("Internal", `criu page-server on ${opts.address}:${port} failed: ${tail(e)}`, { cause: e });
+        const log = await readFile(path.join(path.dirname(opts.pidFile), "page-server.log"), "utf8").catch(() => "");
+        if (opts.port === 0 && attempt < 3 && /in use/i.test(log)) continue;
+        throw new FerryError(
+          "Internal",
+          `criu page-server on ${opts.address}:${port} failed: ${tail(e)} ${log.trim().split("\n").slice(-3).join(" | ")}`,
+          { cause: e },
+        );
       }
       const pid = Number((await readFile(opts.pidFile, "utf8")).trim());
       this.log.info({ address: opts.address, port, pid, imagesDir: opts.imagesDir }, "page server started");
