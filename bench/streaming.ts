@@ -47,7 +47,14 @@ async function startAgent(root: string, sec: Security, peerSec: Security): Promi
   const server = await serve({
     address: "127.0.0.1:0",
     security: sec,
-    services: [{ name: "ferry.agent.v1.AgentService", definition: storeServiceDefinition, impl, access: { allow: ["controller"], methods: { readBlob: ["controller", "agent"] } } }],
+    services: [
+      {
+        name: "ferry.agent.v1.AgentService",
+        definition: storeServiceDefinition,
+        impl,
+        access: { allow: ["controller"], methods: { readBlob: ["controller", "agent"] } },
+      },
+    ],
     protoFiles: ["ferry/agent/v1/agent.proto"],
     protoRoot: path.join(repo, "proto"),
   });
@@ -148,9 +155,13 @@ async function main(): Promise<void> {
         await s.server.close(500);
       };
     } else {
-      child = spawn(process.execPath, [...process.execArgv, fileURLToPath(import.meta.url), "--role=source", work, certDir ?? "-", "--size-mib", String(sizeMiB)], {
-        stdio: ["pipe", "pipe", "inherit"],
-      });
+      child = spawn(
+        process.execPath,
+        [...process.execArgv, fileURLToPath(import.meta.url), "--role=source", work, certDir ?? "-", "--size-mib", String(sizeMiB)],
+        {
+          stdio: ["pipe", "pipe", "inherit"],
+        },
+      );
       const line = await new Promise<string>((resolve, reject) => {
         createInterface({ input: child!.stdout! }).once("line", resolve);
         child!.once("exit", (code) => reject(new Error(`source process exited with ${code}`)));
@@ -169,7 +180,9 @@ async function main(): Promise<void> {
       options: PEER_CHANNEL_OPTIONS,
     });
     const mode = insecure ? "insecure gRPC (plaintext)" : "mTLS gRPC (deploy/certs.sh)";
-    console.log(`streaming ${sizeMiB} MiB on loopback, ${mode}, ${flag("--same-process") ? "one process" : "source in a child process"}, node ${process.version}`);
+    console.log(
+      `streaming ${sizeMiB} MiB on loopback, ${mode}, ${flag("--same-process") ? "one process" : "source in a child process"}, node ${process.version}`,
+    );
 
     const results: Array<[string, number]> = [];
     for (const chunkMiB of [1, 2, 4]) {
@@ -177,7 +190,12 @@ async function main(): Promise<void> {
       for (let rep = 0; rep < 3; rep++) {
         let stats;
         const t0 = performance.now();
-        for await (const m of controller.pullBlob({ blob: src.ref, sourceAddress: `127.0.0.1:${src.grpcPort}`, sourceServerName: "src", chunkBytes: chunkMiB * MiB })) {
+        for await (const m of controller.pullBlob({
+          blob: src.ref,
+          sourceAddress: `127.0.0.1:${src.grpcPort}`,
+          sourceServerName: "src",
+          chunkBytes: chunkMiB * MiB,
+        })) {
           if (m.done) stats = m.stats;
         }
         const wall = performance.now() - t0;
@@ -200,7 +218,9 @@ async function main(): Promise<void> {
     const tcpWork = results.find(([n]) => n === "raw TCP socket, file+sha256")![1];
     console.log("\nbest of 3 (MB = 10^6 bytes; each pull includes writing and sha256-verifying the blob):");
     for (const [name, v] of results) {
-      console.log(`  ${name.padEnd(34)} ${v.toFixed(0).padStart(6)} MB/s   ${(v / tcp).toFixed(2)} x raw TCP   ${(v / tcpWork).toFixed(2)} x TCP+file+sha256`);
+      console.log(
+        `  ${name.padEnd(34)} ${v.toFixed(0).padStart(6)} MB/s   ${(v / tcp).toFixed(2)} x raw TCP   ${(v / tcpWork).toFixed(2)} x TCP+file+sha256`,
+      );
     }
     controller.close();
     await stopSource();

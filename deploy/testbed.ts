@@ -36,6 +36,22 @@ interface State {
   hosts: string[];
   workloads: string[];
   pids: Record<string, number>;
+  /** The process that holds the testbed (`up({ hold: true })`): `down()` from any other refuses while it lives. */
+  holder?: number;
+}
+
+/** {@link up} found another testbed up: not ours to tear down. */
+export class TestbedBusyError extends Error {}
+
+/** Options of {@link up}; `make testbed-up` and `make demo` pass none. */
+export interface UpOptions {
+  /**
+   * Hold the testbed for this process (the benchmark): a `down()` from another process (say, a
+   * `make demo` started meanwhile, whose `up()` failed) refuses to tear it down while we live.
+   */
+  hold?: boolean;
+  /** Called once the hosts and the underlay exist, before any agent starts (e.g. sshd, link shaping). */
+  beforeAgents?: (tb: Testbed) => Promise<void>;
 }
 
 const say = (s: string): void => void process.stdout.write(`testbed: ${s}\n`);
@@ -56,8 +72,9 @@ async function saveState(st: State): Promise<void> {
   await writeFile(STATE, JSON.stringify(st, null, 2));
 }
 
-export async function up(): Promise<void> {
-  if (existsSync(STATE)) throw new Error(`a testbed is already up (${STATE}); run \`make testbed-down\` first`);
+/** Bring the testbed up; returns its hosts (namespaces, OVS, underlay) for callers that need them. */
+export async function up(opts: UpOptions = {}): Promise<Testbed> {
+  if (existsSync(STATE)) throw new TestbedBusyError(`a testbed is already up (${STATE}); run \`make testbed-down\` first`);
   const t0 = performance.now();
   await mkdir(DIR, { recursive: true });
   await exec("bash", [
@@ -67,12 +84,13 @@ export async function up(): Promise<void> {
     "admin:admin",
     ...HOSTS.map((e) => `agent:${e}`),
   ]);
-  const st: State = { prefix: PREFIX, hosts: HOSTS, workloads: [CLIENT_NETNS], pids: {} };
+  const st: State = { prefix: PREFIX, hosts: HOSTS, workloads: [CLIENT_NETNS], pids: {}, ...(opts.hold ? { holder: process.pid } : {}) };
   await saveState(st); // first: a failure half-way is still torn down by `down`
   const tb = await Testbed.create({ prefix: PREFIX, underlayNet: UNDERLAY, meshEdges: false, detachDaemons: true });
   for (const h of HOSTS) await tb.createHost({ name: h });
   await tb.attachRoot();
   say(`hosts up: ${HOSTS.map((h) => PREFIX + h).join(", ")}`);
+  if (opts.beforeAgents) await opts.beforeAgents(tb);
 
   for (const h of HOSTS) {
     const a = await spawnAgent({
@@ -113,10 +131,24 @@ export async function up(): Promise<void> {
     }
     const digest = await importTestkit(tb);
     say(`image testkit (${digest.slice(0, 19)}…) on ${HOSTS.join(", ")}`);
-    await admin.runContainer({
+    const client = {
       host: CLIENT_HOST,
       spec: { name: "client", image: "testkit", args: ["/bin/busybox", "sleep", "999999999"], network: { ipCidr: `${CLIENT_IP}/24` } },
-    });
+    };
+    // The client host's agent owns every "ferry-*" namespace (its prefix is "ferry-", so that the
+    // client is ferry-client): a test's own testbed ("ferry-t<hex>-client-wl", also .100) running
+    // meanwhile makes it refuse the address. Such a test ends soon: wait for it, up to a minute.
+    for (let i = 0; ; i++) {
+      try {
+        await admin.runContainer(client);
+        break;
+      } catch (e) {
+        if (i >= 30 || !/already used on this host by namespace ferry-t/.test((e as Error).message)) throw e;
+        if (i === 0)
+          say(`${CLIENT_IP} is held by a test's namespace (${(e as Error).message.split("namespace ")[1]?.split(" ")[0]}); waiting`);
+        await new Promise((r) => setTimeout(r, 2000));
+      }
+    }
     // Nothing else lands on the client host: it is there to hold the client.
     await admin.drainHost({ name: CLIENT_HOST, cordonOnly: true });
   } finally {
@@ -134,6 +166,7 @@ export async function up(): Promise<void> {
     ].join("\n"),
   );
   say(`ready in ${((performance.now() - t0) / 1000).toFixed(1)} s: \`. .ferry/testbed.env && ferry hosts\``);
+  return tb;
 }
 
 /** Build the test image and give it to every edge host's agent as "testkit". */
@@ -167,6 +200,9 @@ export async function down(): Promise<void> {
   const st: State = existsSync(STATE)
     ? (JSON.parse(await readFile(STATE, "utf8")) as State)
     : { prefix: PREFIX, hosts: HOSTS, workloads: [CLIENT_NETNS], pids: {} };
+  if (st.holder && st.holder !== process.pid && alive(st.holder)) {
+    throw new Error(`the testbed is held by process ${st.holder} (a benchmark?); it tears it down when it ends`);
+  }
   // Containers first, through their agents: runc containers outlive the agent that made them.
   for (const e of HOSTS) {
     if (!st.pids[`agent-${e}`]) continue;
@@ -194,9 +230,24 @@ export async function down(): Promise<void> {
   await Testbed.destroyExisting({ prefix: st.prefix, underlayNet: UNDERLAY }, st.hosts, st.workloads);
   await rm(DIR, { recursive: true, force: true });
   await rm(path.join(REPO_ROOT, ".ferry/testbed.env"), { force: true });
-  const left = (await exec("ip", ["netns", "list"])).stdout.split("\n").filter((l) => l.startsWith(PREFIX));
+  // Only this testbed's namespaces: tests' own testbeds ("ferry-t<hex>-...") may be up meanwhile.
+  const ours = (n: string): boolean =>
+    n === `${PREFIX}underlay` || st.workloads.includes(n) || st.hosts.some((h) => n === PREFIX + h || n.startsWith(`${PREFIX}${h}-`));
+  const left = (await exec("ip", ["netns", "list"])).stdout
+    .split("\n")
+    .map((l) => l.split(" ")[0] ?? "")
+    .filter(ours);
   if (left.length) throw new Error(`namespaces left behind: ${left.join(", ")}`);
   say("down: no namespace, OVS daemon, agent or controller left");
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
 }
 
 async function main(): Promise<void> {
@@ -206,6 +257,7 @@ async function main(): Promise<void> {
     try {
       await up();
     } catch (e) {
+      if (e instanceof TestbedBusyError) throw e; // someone else's testbed: leave it up
       say(`up failed, tearing down: ${(e as Error).message}`);
       await down().catch((x: unknown) => say(`down: ${(x as Error).message}`));
       throw e;
