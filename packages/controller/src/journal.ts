@@ -84,7 +84,7 @@ export class MigrationJournal implements MigrationRecordSink {
     try {
       checkId(id);
     } catch (e) {
-      return Promise.reject(e as Error);
+      return Promise.reject(e);
     }
     const m = this.cache.get(id);
     return Promise.resolve(m ? Migration.fromJSON(Migration.toJSON(m)) : undefined);

@@ -65,19 +65,30 @@ export function newMigrationId(now = new Date()): string {
 }
 
 /**
- * Time not spent in the agents' own work: total − Σ over top-level stages of the step's
- * `work_ms` detail (for a parallel group, the largest of its steps'), never below 0.
+ * Time not spent in the agents' own work (CRIU, runc, transfers, OVS, as they report it) nor on
+ * the network: for each top-level stage, its duration minus its `work_ms` minus one network
+ * round trip per agent call (for a parallel group, its longest step's), plus whatever the engine
+ * spent between stages (journaling, scheduling). The network round trip is the migration's
+ * fastest call's time beyond the agent's own (`rpc_min_ms`): anything a call took beyond that
+ * is counted as the controller's.
  */
 export function controlOverheadMs(m: Migration): number {
-  let work = 0;
-  const groups = new Map<string, number>();
+  const rpcMin = Math.min(...m.steps.map((s) => s.details["rpc_min_ms"] ?? Infinity));
+  const rtt = Number.isFinite(rpcMin) ? rpcMin : 0;
+  const cost = (s: Migration["steps"][number]): number => s.durationMs - (s.details["work_ms"] ?? 0) - (s.details["rpc_calls"] ?? 0) * rtt;
+  let overhead = m.totalMs;
+  const groups = new Map<string, Migration["steps"][number]>();
   for (const s of m.steps) {
-    const w = s.details["work_ms"] ?? 0;
-    if (s.group) groups.set(s.group, Math.max(groups.get(s.group) ?? 0, w));
-    else work += w;
+    if (!s.group) {
+      overhead -= s.durationMs - cost(s);
+      continue;
+    }
+    const longest = groups.get(s.group);
+    if (!longest || s.durationMs > longest.durationMs) groups.set(s.group, s);
   }
-  for (const w of groups.values()) work += w;
-  return Math.max(0, Math.round(m.totalMs - work));
+  // A group took as long as its longest step: its other steps' time is hidden behind it.
+  for (const s of groups.values()) overhead -= s.durationMs - cost(s);
+  return Math.max(0, Math.round(overhead));
 }
 
 interface Active {

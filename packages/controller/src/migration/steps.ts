@@ -1,9 +1,9 @@
 // The steps of a live migration, as the pipeline engine runs them (see ../pipeline):
 //
-//   inspect ─ prepare-image ─ prepare-netns ─ checkpoint ─┬ transfer          ┬─ restore ═ cleanup-source
-//                                                        ├ clear-source-netns ┤  (commit)
-//                                                        └ switch-path       ┘
-//            no downtime                     │ downtime starts ............. downtime ends │
+//   inspect ─┬ prepare-image ┬─ checkpoint ─┬ transfer           ┬─ restore ═ cleanup-source
+//            └ prepare-netns ┘              ├ clear-source-netns ┤  (commit)
+//                                           └ switch-path        ┘
+//            no downtime                    │ downtime starts ........ downtime ends │
 //
 // Until `restore` succeeds, every failure rolls back: undos run in reverse, and the last one,
 // the checkpoint's, restores the container on the source from the checkpoint it kept. Once the
@@ -61,22 +61,81 @@ const retry = (maxAttempts: number): RetryPolicy => ({
 /** Inside the downtime a retry costs the client more than a failure's rollback would: retry fast. */
 const downtimeRetry: RetryPolicy = { maxAttempts: 3, initialBackoffMs: 20, maxBackoffMs: 200, retryable: RETRYABLE_CODES };
 
-const workOf = new WeakMap<StepIo, number>();
+interface Tally {
+  work: number;
+  calls: number;
+  rpcMin: number;
+}
+const tallies = new WeakMap<StepIo, Tally>();
+
+function tally(io: StepIo): Tally {
+  let t = tallies.get(io);
+  if (!t) tallies.set(io, (t = { work: 0, calls: 0, rpcMin: Infinity }));
+  return t;
+}
 
 /**
  * Count time the agents spent on this step (their own report, per call): the step's `work_ms`.
- * What the step took beyond it is the controller's overhead (RPCs, scheduling, journaling).
+ * What the step took beyond it is the network and the controller's overhead.
  */
 function addWork(io: StepIo, ms: number): void {
-  const w = (workOf.get(io) ?? 0) + ms;
-  workOf.set(io, w);
-  io.detail("work_ms", Math.round(w));
+  const t = tally(io);
+  t.work += ms;
+  io.detail("work_ms", Math.round(t.work));
 }
 
-/** Call options for an agent call made by a step: its signal, and its server time counted as work. */
-function agentOpts(io: StepIo): CallOpts {
-  return { signal: io.signal, onServerMs: (ms) => addWork(io, ms) };
+/**
+ * Count one round trip to an agent: `rpc_calls`, and `rpc_min_ms`, the fastest round trip's
+ * time beyond the agent's own (network and transport). The overhead computation takes the
+ * migration's fastest round trip as the network's share of every call, so the rest of a call's
+ * time counts as the controller's overhead.
+ */
+function addRpc(io: StepIo, rpcMs: number): void {
+  const t = tally(io);
+  t.calls += 1;
+  t.rpcMin = Math.min(t.rpcMin, rpcMs);
+  io.detail("rpc_calls", t.calls);
+  io.detail("rpc_min_ms", Math.round(t.rpcMin * 100) / 100);
 }
+
+/** Call options for one agent call made by a step: its signal, its server time counted as work. */
+function agentOpts(io: StepIo): CallOpts {
+  const t0 = performance.now();
+  return {
+    signal: io.signal,
+    onServerMs: (ms) => {
+      addWork(io, ms);
+      addRpc(io, Math.max(0, performance.now() - t0 - ms));
+    },
+  };
+}
+
+/**
+ * Agent calls made at once: one round trip and the slowest call's work count, not their sum
+ * (the overhead must not shrink because calls overlapped).
+ */
+async function inParallel(io: StepIo, calls: ((opts: CallOpts) => Promise<unknown>)[]): Promise<void> {
+  const t0 = performance.now();
+  let work = 0;
+  let rpc = Infinity;
+  await Promise.all(
+    calls.map((c) =>
+      c({
+        signal: io.signal,
+        onServerMs: (ms) => {
+          work = Math.max(work, ms);
+          rpc = Math.min(rpc, Math.max(0, performance.now() - t0 - ms));
+        },
+      }),
+    ),
+  );
+  addWork(io, work);
+  if (rpc !== Infinity) addRpc(io, rpc);
+}
+
+const ignoreNotFound = (e: unknown): void => {
+  if ((e as FerryError).code !== "NotFound") throw e;
+};
 
 function call(io: StepIo, suffix?: string): { operationKey: string } {
   return { operationKey: suffix ? `${io.key}/${suffix}` : io.key };
@@ -321,32 +380,51 @@ const cleanupSource: Step<MigrationCtx> = {
   timeoutMs: 60_000,
   retry: retry(6),
   async run(ctx, io) {
-    await ctx.source.client
-      .deleteContainer({ ...call(io, "container"), name: ctx.container, force: true, keepNetns: true }, agentOpts(io))
-      .catch((e: unknown) => {
-        if ((e as FerryError).code !== "NotFound") throw e;
-      });
-    if (ctx.out.checkpointId) {
-      await ctx.source.client.deleteCheckpoint({ ...call(io, "checkpoint"), checkpointId: ctx.out.checkpointId }, agentOpts(io));
-    }
-    // The transfer's blobs served their purpose: the destination has unpacked them.
-    await deleteBlobs(ctx, io, "source");
-    await deleteBlobs(ctx, io, "dest");
+    // Independent deletions, all at once; the transfer's blobs served their purpose (the
+    // destination unpacked them).
+    const blobs = [ctx.out.checkpointBlob, ctx.out.upperBlob].filter((b): b is BlobRef => b !== undefined);
+    const deleteBlobs = (side: "source" | "dest") =>
+      blobs.map(
+        (blob) => (o: CallOpts) =>
+          (side === "source" ? ctx.source : ctx.dest).client
+            .deleteBlob({ ...call(io, `${side}-${blob.digest.slice(7, 19)}`), digest: blob.digest }, o)
+            .catch(ignoreNotFound),
+      );
+    await inParallel(io, [
+      (o) =>
+        ctx.source.client
+          .deleteContainer({ ...call(io, "container"), name: ctx.container, force: true, keepNetns: true }, o)
+          .catch(ignoreNotFound),
+      ...(ctx.out.checkpointId
+        ? [
+            (o: CallOpts) =>
+              ctx.source.client
+                .deleteCheckpoint({ ...call(io, "checkpoint"), checkpointId: ctx.out.checkpointId! }, o)
+                .catch(ignoreNotFound),
+          ]
+        : []),
+      ...deleteBlobs("source"),
+      ...deleteBlobs("dest"),
+    ]);
   },
 };
 
 /** Deletes the checkpoint and upper blobs on one side (an absent blob is fine). */
 async function deleteBlobs(ctx: MigrationCtx, io: StepIo, side: "source" | "dest"): Promise<void> {
   const client = side === "source" ? ctx.source.client : ctx.dest.client;
-  for (const blob of [ctx.out.checkpointBlob, ctx.out.upperBlob]) {
-    if (!blob) continue;
-    await client
-      .deleteBlob({ ...call(io, `${side}-${blob.digest.slice(7, 19)}`), digest: blob.digest }, agentOpts(io))
-      .catch((e: unknown) => {
-        if ((e as FerryError).code !== "NotFound") throw e;
-      });
-  }
+  await inParallel(
+    io,
+    [ctx.out.checkpointBlob, ctx.out.upperBlob]
+      .filter((b): b is BlobRef => b !== undefined)
+      .map(
+        (blob) => (o: CallOpts) =>
+          client.deleteBlob({ ...call(io, `${side}-${blob.digest.slice(7, 19)}`), digest: blob.digest }, o).catch(ignoreNotFound),
+      ),
+  );
 }
+
+/** Steps that prepare the destination in parallel, before the freeze. */
+export const PREPARE_GROUP = "prepare";
 
 /** Steps that run in parallel inside the downtime: none waits for another. */
 export const TRANSFER_GROUP = "transfer";
@@ -355,8 +433,8 @@ export const TRANSFER_GROUP = "transfer";
 export function stopAndCopyPipeline(): Stage<MigrationCtx>[] {
   return [
     inspect,
-    prepareImage,
-    prepareNetns,
+    // Independent, both ahead of the freeze: the image (if missing) and the locked namespace.
+    { group: PREPARE_GROUP, steps: [prepareImage, prepareNetns] },
     checkpoint,
     { group: TRANSFER_GROUP, steps: [transfer, clearSourceNetns, switchPath] },
     restore,
