@@ -1,5 +1,5 @@
 import { Migration, MigrationState } from "@ferry/api/controller";
-import { FerryError, silentLogger, type Logger } from "@ferry/common";
+import { FerryError, asFerryError, silentLogger, type Logger } from "@ferry/common";
 import { randomBytes } from "node:crypto";
 import { mkdir, open, readdir, readFile, rename, unlink } from "node:fs/promises";
 import { join } from "node:path";
@@ -84,7 +84,7 @@ export class MigrationJournal implements MigrationRecordSink {
     try {
       checkId(id);
     } catch (e) {
-      return Promise.reject(e);
+      return Promise.reject(asFerryError(e));
     }
     const m = this.cache.get(id);
     return Promise.resolve(m ? Migration.fromJSON(Migration.toJSON(m)) : undefined);
