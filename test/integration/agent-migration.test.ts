@@ -347,6 +347,54 @@ describe("bad input: the right status, a message naming the field, and nothing l
     expect(container!.state).toBe(ContainerState.CONTAINER_STATE_RUNNING);
   });
 
+  it("reports capacity, limits and live usage, and streams metrics", async () => {
+    const r = await a().getResources({});
+    expect(r.capacity!.cpuCores).toBeGreaterThan(0);
+    expect(r.capacity!.memoryBytes).toBeGreaterThan(r.used!.memoryBytes);
+    const keeper = r.containers.find((c) => c.name === "keeper")!;
+    expect(keeper.memoryLimitBytes).toBe(256 << 20);
+    expect(keeper.cpuMillicores).toBe(1000);
+    expect(keeper.usage!.memoryBytes).toBeGreaterThan(0);
+    const samples = [];
+    for await (const m of a().streamMetrics({ intervalMs: 200 })) {
+      samples.push(m);
+      if (samples.length === 3) break;
+    }
+    expect(samples.map((m) => m.hostname)).toEqual(["edge-a", "edge-a", "edge-a"]);
+    expect(samples[2]!.sampledAt!.getTime() - samples[0]!.sampledAt!.getTime()).toBeGreaterThanOrEqual(350);
+    expect(
+      (
+        await refused(
+          (async () => {
+            for await (const _ of a().streamMetrics({ intervalMs: 5 })) break;
+          })(),
+        )
+      ).code,
+    ).toBe("InvalidArgument");
+  });
+
+  it("answers a retried call with the same operation key from its record, not by doing it twice", async () => {
+    const req = { operationKey: "retry-test/netns", container: "retried", network: { ipCidr: "10.77.0.22/24" } };
+    const first = await a().createNetns(req);
+    const again = await a().createNetns(req);
+    expect(again).toEqual(first);
+    // A different request under the same key is refused, not silently answered.
+    const e = await refused(a().createNetns({ ...req, network: { ipCidr: "10.77.0.23/24" } }));
+    expect(e.code).toBe("AlreadyExists");
+    expect(e.message).toContain("operation key");
+    await a().clearNetns({ container: "retried" });
+  });
+
+  it("keeps its containers across an agent restart, which finds them again", async () => {
+    await bed.spawn("edge-a");
+    const { containers } = await a().listContainers({});
+    const keeper = containers.find((c) => c.spec?.name === "keeper");
+    expect(keeper?.state).toBe(ContainerState.CONTAINER_STATE_RUNNING);
+    // Still manageable: a checkpoint-capable, inspectable container, its log readable.
+    const { container } = await a().inspectContainer({ name: "keeper" });
+    expect(container!.pid).toBeGreaterThan(0);
+  });
+
   it("CRIU too old: FailedPrecondition with the fix, before anything is frozen", async () => {
     const fake = `${bed.work}/old-criu`;
     await (
