@@ -69,25 +69,30 @@ export function newMigrationId(now = new Date()): string {
  * the network: for each top-level stage, its duration minus its `work_ms` minus one network
  * round trip per agent call (for a parallel group, its longest step's), plus whatever the engine
  * spent between stages (journaling, scheduling). The network round trip is the migration's
- * fastest call's time beyond the agent's own (`rpc_min_ms`): anything a call took beyond that
+ * fastest call's time beyond the agent's own, per host (`rpc_min_ms:<host>`): anything a call took beyond that
  * is counted as the controller's.
  */
 export function controlOverheadMs(m: Migration): number {
-  const rpcMin = Math.min(...m.steps.map((s) => s.details["rpc_min_ms"] ?? Infinity));
-  const rtt = Number.isFinite(rpcMin) ? rpcMin : 0;
-  const cost = (s: Migration["steps"][number]): number => s.durationMs - (s.details["work_ms"] ?? 0) - (s.details["rpc_calls"] ?? 0) * rtt;
-  let overhead = m.totalMs;
-  const groups = new Map<string, Migration["steps"][number]>();
+  // Each host's fastest round trip in this migration: the network's share of a call to it.
+  const rtt = new Map<string, number>();
   for (const s of m.steps) {
-    if (!s.group) {
-      overhead -= s.durationMs - cost(s);
-      continue;
+    for (const [k, v] of Object.entries(s.details)) {
+      if (k.startsWith("rpc_min_ms:")) rtt.set(k.slice(11), Math.min(rtt.get(k.slice(11)) ?? Infinity, v));
     }
-    const longest = groups.get(s.group);
-    if (!longest || s.durationMs > longest.durationMs) groups.set(s.group, s);
   }
-  // A group took as long as its longest step: its other steps' time is hidden behind it.
-  for (const s of groups.values()) overhead -= s.durationMs - cost(s);
+  const network = (s: Migration["steps"][number]): number =>
+    Object.entries(s.details)
+      .filter(([k]) => k.startsWith("rpc_calls:"))
+      .reduce((sum, [k, calls]) => sum + calls * (rtt.get(k.slice(10)) ?? 0), 0);
+  const accounted = (s: Migration["steps"][number]): number => (s.details["work_ms"] ?? 0) + network(s);
+  let overhead = m.totalMs;
+  const longest = new Map<string, Migration["steps"][number]>();
+  for (const s of m.steps) {
+    if (!s.group) overhead -= accounted(s);
+    else if ((longest.get(s.group)?.durationMs ?? -1) < s.durationMs) longest.set(s.group, s);
+  }
+  // A group took as long as its longest step: the others' time is hidden behind it.
+  for (const s of longest.values()) overhead -= accounted(s);
   return Math.max(0, Math.round(overhead));
 }
 

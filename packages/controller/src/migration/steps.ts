@@ -63,14 +63,14 @@ const downtimeRetry: RetryPolicy = { maxAttempts: 3, initialBackoffMs: 20, maxBa
 
 interface Tally {
   work: number;
-  calls: number;
-  rpcMin: number;
+  /** Per agent host: calls made, and the fastest round trip beyond the agent's own time. */
+  rpc: Map<string, { calls: number; min: number }>;
 }
 const tallies = new WeakMap<StepIo, Tally>();
 
 function tally(io: StepIo): Tally {
   let t = tallies.get(io);
-  if (!t) tallies.set(io, (t = { work: 0, calls: 0, rpcMin: Infinity }));
+  if (!t) tallies.set(io, (t = { work: 0, rpc: new Map() }));
   return t;
 }
 
@@ -85,52 +85,53 @@ function addWork(io: StepIo, ms: number): void {
 }
 
 /**
- * Count one round trip to an agent: `rpc_calls`, and `rpc_min_ms`, the fastest round trip's
- * time beyond the agent's own (network and transport). The overhead computation takes the
- * migration's fastest round trip as the network's share of every call, so the rest of a call's
- * time counts as the controller's overhead.
+ * Count one round trip to a host's agent: `rpc_calls:<host>`, and `rpc_min_ms:<host>`, the
+ * fastest round trip's time beyond the agent's own (network and transport). The overhead
+ * computation takes each host's fastest round trip in the migration as the network's share of
+ * every call to it, so the rest of a call's time counts as the controller's.
  */
-function addRpc(io: StepIo, rpcMs: number): void {
-  const t = tally(io);
-  t.calls += 1;
-  t.rpcMin = Math.min(t.rpcMin, rpcMs);
-  io.detail("rpc_calls", t.calls);
-  io.detail("rpc_min_ms", Math.round(t.rpcMin * 100) / 100);
+function addRpc(io: StepIo, host: string, rpcMs: number): void {
+  const r = tally(io).rpc.get(host) ?? { calls: 0, min: Infinity };
+  r.calls += 1;
+  r.min = Math.min(r.min, rpcMs);
+  tally(io).rpc.set(host, r);
+  io.detail(`rpc_calls:${host}`, r.calls);
+  io.detail(`rpc_min_ms:${host}`, Math.round(r.min * 100) / 100);
 }
 
-/** Call options for one agent call made by a step: its signal, its server time counted as work. */
-function agentOpts(io: StepIo): CallOpts {
+/** Call options for one agent call made by a step to `host`: its signal, its server time counted as work. */
+function agentOpts(io: StepIo, host: HostHandle): CallOpts {
   const t0 = performance.now();
   return {
     signal: io.signal,
     onServerMs: (ms) => {
       addWork(io, ms);
-      addRpc(io, Math.max(0, performance.now() - t0 - ms));
+      addRpc(io, host.name, Math.max(0, performance.now() - t0 - ms));
     },
   };
 }
 
 /**
- * Agent calls made at once: one round trip and the slowest call's work count, not their sum
- * (the overhead must not shrink because calls overlapped).
+ * Agent calls made at once: one round trip per host and the slowest call's work count, not
+ * their sum (the overhead must not shrink because calls overlapped).
  */
-async function inParallel(io: StepIo, calls: ((opts: CallOpts) => Promise<unknown>)[]): Promise<void> {
+async function inParallel(io: StepIo, calls: Call[]): Promise<void> {
   const t0 = performance.now();
   let work = 0;
-  let rpc = Infinity;
+  const rpc = new Map<string, number>();
   await Promise.all(
-    calls.map((c) =>
+    calls.map(([host, c]) =>
       c({
         signal: io.signal,
         onServerMs: (ms) => {
           work = Math.max(work, ms);
-          rpc = Math.min(rpc, Math.max(0, performance.now() - t0 - ms));
+          rpc.set(host.name, Math.min(rpc.get(host.name) ?? Infinity, Math.max(0, performance.now() - t0 - ms)));
         },
       }),
     ),
   );
   addWork(io, work);
-  if (rpc !== Infinity) addRpc(io, rpc);
+  for (const [host, ms] of rpc) addRpc(io, host, ms);
 }
 
 const ignoreNotFound = (e: unknown): void => {
@@ -184,7 +185,7 @@ const inspect: Step<MigrationCtx> = {
   timeoutMs: 10_000,
   retry: retry(3),
   async run(ctx, io) {
-    const { container } = await ctx.source.client.inspectContainer({ name: ctx.container }, agentOpts(io));
+    const { container } = await ctx.source.client.inspectContainer({ name: ctx.container }, agentOpts(io, ctx.source));
     if (!container?.spec) throw FerryError.notFound("container", ctx.container);
     if (container.state !== ContainerState.CONTAINER_STATE_RUNNING) {
       throw new FerryError("FailedPrecondition", `container "${ctx.container}" is not running on ${ctx.source.name}`, {
@@ -205,20 +206,21 @@ const prepareImage: Step<MigrationCtx> = {
   retry: retry(4),
   async run(ctx, io) {
     const digest = need(ctx.out.imageDigest, "image digest");
-    const { present } = await ctx.dest.client.hasBlobs({ digests: [digest] }, agentOpts(io));
+    const { present } = await ctx.dest.client.hasBlobs({ digests: [digest] }, agentOpts(io, ctx.dest));
     ctx.out.partial = present.includes(digest);
     io.detail("partial", ctx.out.partial ? 1 : 0);
     if (!ctx.out.partial) {
       // Full migration: the image travels too, but ahead of the freeze, so not in the downtime.
-      const { complete, receivedBytes } = await ctx.source.client.getBlobStatus({ digest }, agentOpts(io));
+      const { complete, receivedBytes } = await ctx.source.client.getBlobStatus({ digest }, agentOpts(io, ctx.source));
       if (!complete) throw new FerryError("FailedPrecondition", `the source ${ctx.source.name} does not hold the image ${digest} any more`);
       addWork(io, await pull(ctx, io, { digest, sizeBytes: receivedBytes, kind: BlobKind.BLOB_KIND_IMAGE }, "image"));
       // Name it there as on the source, unless that name means another image there: the
       // destination can then run new containers of this image by name too.
       const name = need(ctx.out.spec, "spec").image;
       if (!name.startsWith("sha256:")) {
-        const { images } = await ctx.dest.client.listImages({}, agentOpts(io));
-        if (!images.some((i) => i.name === name)) await ctx.dest.client.tagImage({ ...call(io, "tag"), name, digest }, agentOpts(io));
+        const { images } = await ctx.dest.client.listImages({}, agentOpts(io, ctx.dest));
+        if (!images.some((i) => i.name === name))
+          await ctx.dest.client.tagImage({ ...call(io, "tag"), name, digest }, agentOpts(io, ctx.dest));
       }
     }
     await ctx.persist();
@@ -235,12 +237,15 @@ const prepareNetns: Step<MigrationCtx> = {
     // holding (not resetting) the client's retransmissions until the restore releases the lock.
     // ofport 0: the destination allocates its own (the source's number may be taken there).
     const network = { ...spec.network!, ofport: 0 };
-    const r = await ctx.dest.client.createNetns({ ...call(io), container: ctx.container, network, networkLocked: true }, agentOpts(io));
+    const r = await ctx.dest.client.createNetns(
+      { ...call(io), container: ctx.container, network, networkLocked: true },
+      agentOpts(io, ctx.dest),
+    );
     ctx.out.destOfport = r.ofport;
     await ctx.persist();
   },
   async compensate(ctx, io) {
-    await ctx.dest.client.clearNetns({ ...call(io), container: ctx.container }, agentOpts(io));
+    await ctx.dest.client.clearNetns({ ...call(io), container: ctx.container }, agentOpts(io, ctx.dest));
   },
 };
 
@@ -250,7 +255,7 @@ const checkpoint: Step<MigrationCtx> = {
   retry: downtimeRetry,
   inDowntime: true,
   async run(ctx, io) {
-    const r = await ctx.source.client.checkpoint({ ...call(io), name: ctx.container, tcpEstablished: true }, agentOpts(io));
+    const r = await ctx.source.client.checkpoint({ ...call(io), name: ctx.container, tcpEstablished: true }, agentOpts(io, ctx.source));
     ctx.out.checkpointId = r.checkpointId;
     ctx.out.connections = r.connections;
     await ctx.persist();
@@ -266,7 +271,7 @@ const checkpoint: Step<MigrationCtx> = {
   async compensate(ctx, io) {
     // Roll back: the source still has the checkpoint; bring the container back from it there.
     const { container } = await ctx.source.client
-      .inspectContainer({ name: ctx.container }, agentOpts(io))
+      .inspectContainer({ name: ctx.container }, agentOpts(io, ctx.source))
       .catch(() => ({ container: undefined }));
     if (container?.state === ContainerState.CONTAINER_STATE_RUNNING) return;
     if (!ctx.out.checkpointId) {
@@ -275,7 +280,7 @@ const checkpoint: Step<MigrationCtx> = {
     }
     await ctx.source.client.restore(
       { ...call(io), spec: ctx.out.spec, checkpointId: ctx.out.checkpointId, tcpEstablished: true },
-      agentOpts(io),
+      agentOpts(io, ctx.source),
     );
   },
 };
@@ -288,7 +293,7 @@ const transfer: Step<MigrationCtx> = {
   async run(ctx, io) {
     const ex = await ctx.source.client.exportCheckpoint(
       { ...call(io, "export"), name: ctx.container, checkpointId: need(ctx.out.checkpointId, "checkpoint id") },
-      agentOpts(io),
+      agentOpts(io, ctx.source),
     );
     ctx.out.checkpointBlob = need(ex.checkpoint, "checkpoint blob");
     ctx.out.upperBlob = need(ex.upper, "upper blob");
@@ -300,8 +305,7 @@ const transfer: Step<MigrationCtx> = {
   },
   async compensate(ctx, io) {
     // Both copies: the one pulled to the destination and the one exported on the source.
-    await deleteBlobs(ctx, io, "dest");
-    await deleteBlobs(ctx, io, "source");
+    await inParallel(io, [...blobDeletions(ctx, io, "dest"), ...blobDeletions(ctx, io, "source")]);
   },
 };
 
@@ -311,7 +315,7 @@ const clearSourceNetns: Step<MigrationCtx> = {
   retry: downtimeRetry,
   inDowntime: true,
   async run(ctx, io) {
-    const r = await ctx.source.client.clearNetns({ ...call(io), container: ctx.container }, agentOpts(io));
+    const r = await ctx.source.client.clearNetns({ ...call(io), container: ctx.container }, agentOpts(io, ctx.source));
     io.detail("veth_wait_ms", r.waitMs);
   },
   async compensate(ctx, io) {
@@ -320,7 +324,7 @@ const clearSourceNetns: Step<MigrationCtx> = {
     const spec = need(ctx.out.spec, "spec");
     const network = { ...spec.network!, ofport: ctx.out.sourceOfport ?? spec.network?.ofport ?? 0 };
     await ctx.source.client
-      .createNetns({ ...call(io), container: ctx.container, network, networkLocked: true }, agentOpts(io))
+      .createNetns({ ...call(io), container: ctx.container, network, networkLocked: true }, agentOpts(io, ctx.source))
       .catch((e: unknown) => {
         if ((e as FerryError).code !== "AlreadyExists") throw e;
       });
@@ -358,7 +362,7 @@ const restore: Step<MigrationCtx> = {
         tcpEstablished: true,
         imageDigest: need(ctx.out.imageDigest, "image digest"),
       },
-      agentOpts(io),
+      agentOpts(io, ctx.dest),
     );
     if (r.stats) {
       io.detail("criu_restore_ms", r.stats.restoreMs);
@@ -368,7 +372,7 @@ const restore: Step<MigrationCtx> = {
   async compensate(ctx, io) {
     // A restore that failed half-way may have left a container behind on the destination.
     await ctx.dest.client
-      .deleteContainer({ ...call(io), name: ctx.container, force: true, keepNetns: true }, agentOpts(io))
+      .deleteContainer({ ...call(io), name: ctx.container, force: true, keepNetns: true }, agentOpts(io, ctx.dest))
       .catch((e: unknown) => {
         if ((e as FerryError).code !== "NotFound") throw e;
       });
@@ -382,45 +386,43 @@ const cleanupSource: Step<MigrationCtx> = {
   async run(ctx, io) {
     // Independent deletions, all at once; the transfer's blobs served their purpose (the
     // destination unpacked them).
-    const blobs = [ctx.out.checkpointBlob, ctx.out.upperBlob].filter((b): b is BlobRef => b !== undefined);
-    const deleteBlobs = (side: "source" | "dest") =>
-      blobs.map(
-        (blob) => (o: CallOpts) =>
-          (side === "source" ? ctx.source : ctx.dest).client
-            .deleteBlob({ ...call(io, `${side}-${blob.digest.slice(7, 19)}`), digest: blob.digest }, o)
-            .catch(ignoreNotFound),
-      );
     await inParallel(io, [
-      (o) =>
-        ctx.source.client
-          .deleteContainer({ ...call(io, "container"), name: ctx.container, force: true, keepNetns: true }, o)
-          .catch(ignoreNotFound),
+      [
+        ctx.source,
+        (o) =>
+          ctx.source.client
+            .deleteContainer({ ...call(io, "container"), name: ctx.container, force: true, keepNetns: true }, o)
+            .catch(ignoreNotFound),
+      ],
       ...(ctx.out.checkpointId
         ? [
-            (o: CallOpts) =>
-              ctx.source.client
-                .deleteCheckpoint({ ...call(io, "checkpoint"), checkpointId: ctx.out.checkpointId! }, o)
-                .catch(ignoreNotFound),
+            [
+              ctx.source,
+              (o: CallOpts) =>
+                ctx.source.client
+                  .deleteCheckpoint({ ...call(io, "checkpoint"), checkpointId: ctx.out.checkpointId! }, o)
+                  .catch(ignoreNotFound),
+            ] as Call,
           ]
         : []),
-      ...deleteBlobs("source"),
-      ...deleteBlobs("dest"),
+      ...blobDeletions(ctx, io, "source"),
+      ...blobDeletions(ctx, io, "dest"),
     ]);
   },
 };
 
-/** Deletes the checkpoint and upper blobs on one side (an absent blob is fine). */
-async function deleteBlobs(ctx: MigrationCtx, io: StepIo, side: "source" | "dest"): Promise<void> {
-  const client = side === "source" ? ctx.source.client : ctx.dest.client;
-  await inParallel(
-    io,
-    [ctx.out.checkpointBlob, ctx.out.upperBlob]
-      .filter((b): b is BlobRef => b !== undefined)
-      .map(
-        (blob) => (o: CallOpts) =>
-          client.deleteBlob({ ...call(io, `${side}-${blob.digest.slice(7, 19)}`), digest: blob.digest }, o).catch(ignoreNotFound),
-      ),
-  );
+type Call = [HostHandle, (opts: CallOpts) => Promise<unknown>];
+
+/** Deleting the checkpoint and upper blobs on one side (an absent blob is fine). */
+function blobDeletions(ctx: MigrationCtx, io: StepIo, side: "source" | "dest"): Call[] {
+  const host = side === "source" ? ctx.source : ctx.dest;
+  return [ctx.out.checkpointBlob, ctx.out.upperBlob]
+    .filter((b): b is BlobRef => b !== undefined)
+    .map((blob) => [
+      host,
+      (o: CallOpts) =>
+        host.client.deleteBlob({ ...call(io, `${side}-${blob.digest.slice(7, 19)}`), digest: blob.digest }, o).catch(ignoreNotFound),
+    ]);
 }
 
 /** Steps that prepare the destination in parallel, before the freeze. */
