@@ -16,7 +16,7 @@ export default tseslint.config(
       "@typescript-eslint/no-unused-vars": ["error", { argsIgnorePattern: "^_", varsIgnorePattern: "^_" }],
       "no-restricted-imports": [
         "error",
-        { patterns: [{ group: ["@ferry/*/src/*", "../../*/src/*"], message: "import the package, not its src/" }] },
+        { patterns: [{ group: ["@ferry/*/src/*", "**/packages/*/src/**"], message: "import the package, not its src/" }] },
       ],
     },
   },

@@ -21,8 +21,7 @@ import { fileURLToPath } from "node:url";
 import * as agentMessages from "@ferry/api/agent";
 import { BlobKind, type BlobRef } from "@ferry/api/agent";
 import { connect, exec, loadTls, serve, tlsFilesIn, type RunningServer, type Security } from "@ferry/common";
-import { BlobStore } from "../packages/agent/src/store/blob-store.js";
-import { PEER_CHANNEL_OPTIONS, createStoreService, grpcPeerClients, storeServiceDefinition } from "../packages/agent/src/store/service.js";
+import { BlobStore, PEER_CHANNEL_OPTIONS, createStoreService, grpcPeerClients, storeServiceDefinition } from "@ferry/agent";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const repo = path.resolve(here, "..");

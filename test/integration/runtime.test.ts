@@ -12,7 +12,7 @@ import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ContainerState, type ContainerSpec } from "@ferry/api/agent";
 import { exec, FerryError, silentLogger } from "@ferry/common";
-import { ContainerRuntime, Criu, freePort, Runc } from "../../packages/agent/src/runtime/index.js";
+import { ContainerRuntime, Criu, freePort, Runc } from "@ferry/agent";
 
 const ROOT = process.getuid?.() === 0;
 const REPO = path.resolve(import.meta.dirname, "../..");
