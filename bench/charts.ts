@@ -104,7 +104,7 @@ export function timeline(
 
 interface ResultLike {
   experiments: Record<string, Record<"baseline" | "ferry", { steps: Record<string, { median: number; p90: number }> }>>;
-  parallel: Array<{ n: number; wallMs: number }>;
+  parallel: Array<{ n: number; wallMs: number; via?: "cli" | "api" }>;
   runs: Array<{
     experiment: string;
     way: "baseline" | "ferry";
@@ -196,20 +196,25 @@ export async function writeCharts(dir: string, r: ResultLike): Promise<void> {
   if (r.parallel.some((p) => Number.isFinite(p.wallMs))) {
     const par = r.parallel.filter((p) => Number.isFinite(p.wallMs));
     const ns = [1, 2, 3, 4].filter((n) => par.some((p) => p.n === n));
-    const med = ns.map((n) => {
-      const v = par
-        .filter((p) => p.n === n)
-        .map((p) => p.wallMs)
-        .sort((a, b) => a - b);
-      return Math.round(v[Math.floor((v.length - 1) / 2)]!);
-    });
-    const mx = ns.map((n) => Math.round(Math.max(...par.filter((p) => p.n === n).map((p) => p.wallMs))));
+    const series = (via: "api" | "cli", label: string, color: string) => {
+      const of = (n: number): number[] =>
+        par
+          .filter((p) => p.n === n && (p.via ?? "cli") === via)
+          .map((p) => p.wallMs)
+          .sort((a, b) => a - b);
+      return {
+        label,
+        color,
+        med: ns.map((n) => Math.round(of(n)[Math.floor((of(n).length - 1) / 2)] ?? 0)),
+        p90: ns.map((n) => Math.round(Math.max(0, ...of(n)))),
+      };
+    };
     await writeFile(
       path.join(dir, "parallel.svg"),
       stepBars(
-        "N `ferry migrate` at once: first start to last end",
+        "N migrations at once: first start to last end",
         ns.map((n) => `${n} at once`),
-        [{ label: "Ferry (controller)", color: COLORS.ferry, med, p90: mx }],
+        [series("api", "one client, N StartMigration", COLORS.ferry), series("cli", "N `ferry migrate` processes", COLORS.baseline)],
       ),
     );
   }
