@@ -5,7 +5,7 @@ import { spawn } from "node:child_process";
 import { writeFile } from "node:fs/promises";
 import path from "node:path";
 import { exec } from "@ferry/common";
-import { REPO_ROOT } from "@ferry/testbed";
+import { REPO_ROOT, type EchoReport } from "@ferry/testbed";
 import { CLIENT_NETNS, down, up } from "./testbed.js";
 
 interface Step {
@@ -27,15 +27,6 @@ interface MigrationJson {
   bytesTransferred: number;
   partial: boolean;
   steps: Step[];
-}
-interface EchoReport {
-  serial: number;
-  sent: number;
-  checked: number;
-  errors: number;
-  maxGapMs: number;
-  closed: boolean;
-  gaps: { atMs: number; ms: number }[];
 }
 
 const ENV = {

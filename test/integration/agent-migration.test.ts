@@ -11,16 +11,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ContainerState, type ContainerSpec } from "@ferry/api/agent";
 import type { FerryError } from "@ferry/common";
 import { type Bed, destroyBeds, makeBed, median, migrateViaAgents, routeTo, type MigrationTimes } from "../helpers/agents.js";
-
-interface EchoReport {
-  serial: number;
-  sent: number;
-  checked: number;
-  errors: number;
-  maxGapMs: number;
-  closed: boolean;
-  gaps: { atMs: number; ms: number }[];
-}
+import type { EchoReport } from "@ferry/testbed";
 
 let bed: Bed;
 

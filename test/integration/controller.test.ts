@@ -6,6 +6,7 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type Cluster, destroyClusters, echoClient, makeCluster } from "../helpers/cluster.js";
+import type { EchoReport } from "@ferry/testbed";
 
 interface Ps {
   host: string;
@@ -22,13 +23,6 @@ interface Mig {
   controlOverheadMs: number;
   partial: boolean;
   steps: { name: string; state: string; durationMs: number }[];
-}
-interface EchoReport {
-  serial: number;
-  sent: number;
-  checked: number;
-  errors: number;
-  gaps: { ms: number }[];
 }
 
 let c: Cluster;

@@ -13,23 +13,11 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ContainerState, type ContainerSpec } from "@ferry/api/agent";
 import { exec, FerryError, silentLogger } from "@ferry/common";
 import { ContainerRuntime, Criu, freePort, Runc } from "@ferry/agent";
+import type { EchoReport } from "@ferry/testbed";
 
 const ROOT = process.getuid?.() === 0;
 const REPO = path.resolve(import.meta.dirname, "../..");
 const PORT = 7000;
-
-interface ClientReport {
-  serial: number;
-  totalAtConnect: number;
-  sent: number;
-  checked: number;
-  errors: number;
-  firstErrorAt: number;
-  maxGapMs: number;
-  closed: boolean;
-  durationMs: number;
-  gaps: { atMs: number; ms: number }[];
-}
 
 const median = (xs: number[]): number => {
   const s = [...xs].sort((a, b) => a - b);
@@ -98,7 +86,7 @@ describe.skipIf(!ROOT)("container runtime (runc + CRIU)", () => {
   function startClient(args: string[] = []): {
     proc: ChildProcess;
     connected: Promise<string>;
-    report: Promise<{ code: number | null; report: ClientReport }>;
+    report: Promise<{ code: number | null; report: EchoReport }>;
   } {
     const proc = spawn(client, [ctIp, String(PORT), ...args], { stdio: ["ignore", "pipe", "pipe"] });
     clients.push(proc);
@@ -114,10 +102,10 @@ describe.skipIf(!ROOT)("container runtime (runc + CRIU)", () => {
       proc.on("exit", () => reject(new Error(`client exited before connecting: ${err}`)));
     });
     connected.catch(() => undefined);
-    const report = new Promise<{ code: number | null; report: ClientReport }>((resolve, reject) => {
+    const report = new Promise<{ code: number | null; report: EchoReport }>((resolve, reject) => {
       proc.on("exit", (code) => {
         try {
-          resolve({ code, report: JSON.parse(out) as ClientReport });
+          resolve({ code, report: JSON.parse(out) as EchoReport });
         } catch {
           reject(new Error(`client printed no report (exit ${code}): ${out} ${err}`));
         }

@@ -8,3 +8,4 @@ export * from "./flows.js";
 export { startDaemon, stopDaemon, type DaemonSpec } from "./daemon.js";
 export * from "./agent-process.js";
 export * from "./images.js";
+export * from "./echo.js";
