@@ -89,13 +89,24 @@ export const PEER_CHANNEL_OPTIONS: ChannelOptions = {
 
 /** A {@link PeerClientFactory} over real gRPC channels (mTLS with the agent's own certificate, or insecure). */
 export function grpcPeerClients(security: Security, extra: ChannelOptions = {}): PeerClientFactory {
-  return (address, serverName) =>
-    connect(agentServiceDefinition, agentMessages, {
-      address,
-      security,
-      ...(serverName ? { serverName } : {}),
-      options: { ...PEER_CHANNEL_OPTIONS, ...extra },
-    });
+  // One long-lived channel per peer: a migration's pulls (checkpoint ‖ upper dir) run inside the
+  // downtime, where a fresh channel's TCP and TLS handshake per pull is time the client waits.
+  // grpc-js reconnects a channel whose connection broke, so keeping it is safe.
+  const channels = new Map<string, ReturnType<typeof connect<typeof agentServiceDefinition>>>();
+  return (address, serverName) => {
+    const key = `${address}\0${serverName}`;
+    let c = channels.get(key);
+    if (!c) {
+      c = connect(agentServiceDefinition, agentMessages, {
+        address,
+        security,
+        ...(serverName ? { serverName } : {}),
+        options: { ...PEER_CHANNEL_OPTIONS, ...extra },
+      });
+      channels.set(key, c);
+    }
+    return { readBlob: c.readBlob, close: () => undefined };
+  };
 }
 
 /** Ways to make real transfers fail on purpose in tests (mutable: change them between calls). */
