@@ -36,7 +36,7 @@ export interface PathSwitch {
 /** How long a path change took, with a per-phase breakdown for the migration record. */
 export interface SdnResult {
   durationMs: number;
-  /** e.g. { dest_ms, others_ms, source_ms } (ovs) or { withdraw_ms, submit_ms, installed_ms } (onos). */
+  /** e.g. { dest_ms, rest_ms } (ovs) or { withdraw_ms, submit_ms, installed_ms } (onos). */
   details: Record<string, number>;
 }
 
