@@ -89,6 +89,8 @@ interface StepOut {
   group?: string;
   /** Ferry: the agent-reported work time of the step (details.work_ms). */
   workMs?: number;
+  /** Ferry: the step's details as recorded (work_ms, rpc_calls:<host>, rpc_min_ms:<host>, ...). */
+  details?: Record<string, number>;
   realMs?: number;
   sshMs?: number;
 }
@@ -386,6 +388,7 @@ async function main(): Promise<void> {
           inDowntime: s.inDowntime ?? false,
           ...(s.group ? { group: s.group } : {}),
           ...(s.details?.work_ms !== undefined ? { workMs: s.details.work_ms } : {}),
+          ...(s.details ? { details: s.details } : {}),
         }));
         // The controller's own clock for the window (the CLI's start-up is not the migration).
         if (m.createdAt) rec.migrationAtS = (Date.parse(m.createdAt) - tClientEpoch) / 1000 - offsetS;
