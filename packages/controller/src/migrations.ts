@@ -378,9 +378,6 @@ export class MigrationService {
       dest: this.d.hosts.handle(m.destination),
       sdn: this.d.sdn,
       out,
-      persist: async () => {
-        if (!this.closed) await this.d.journal.saveContext(m.id, ctx.out);
-      },
     };
     return ctx;
   }
@@ -388,12 +385,14 @@ export class MigrationService {
   private launch(record: Migration, ctx: MigrationCtx, stages: Stage<MigrationCtx>[], release: Release, resumeFrom?: Migration): void {
     const abort = new AbortController();
     const sink: MigrationRecordSink = {
-      save: async (m: Migration, step?: StepRecord) => {
+      save: async (m: Migration, steps: StepRecord[]) => {
         if (this.closed) return;
         m.controlOverheadMs = controlOverheadMs(m);
         m.partial = ctx.out.partial ?? m.partial;
-        await this.d.journal.save(m);
-        this.publish(m, step);
+        // The step outputs go with the record: a step's DONE and what it learnt land together.
+        await this.d.journal.saveState(m, ctx.out);
+        if (steps.length === 0) this.publish(m, undefined);
+        for (const step of steps) this.publish(m, step);
       },
     };
     const log = this.d.log;
@@ -437,13 +436,19 @@ export class MigrationService {
     this.active.set(record.id, { abort, done });
   }
 
+  /**
+   * Tells the migration's watchers, in order, once the current turn of the event loop is over:
+   * after the next agent call is on its way, not before it.
+   */
   private publish(m: Migration, step: StepRecord | undefined, end = false): void {
-    const set = this.watchers.get(m.id);
-    if (!set) return;
-    for (const q of set) {
-      q.push({ migration: Migration.fromPartial(m), step });
-      if (end) q.end();
-    }
+    setImmediate(() => {
+      const set = this.watchers.get(m.id);
+      if (!set) return;
+      for (const q of set) {
+        q.push({ migration: Migration.fromPartial(m), step });
+        if (end) q.end();
+      }
+    });
   }
 
   private async call<T>(host: string, fn: () => Promise<T>): Promise<T> {

@@ -47,9 +47,11 @@ export interface MigrationCtx {
   source: HostHandle;
   dest: HostHandle;
   sdn: Sdn;
+  /**
+   * Saved with every record save: a step's outputs are durable with its DONE. Its own undo must
+   * not depend on them (a controller may die before that save): it asks the agents instead.
+   */
   out: MigrationOutputs;
-  /** Save `out` to the journal: called by a step as soon as it learns something an undo needs. */
-  persist(): Promise<void>;
 }
 
 const retry = (maxAttempts: number): RetryPolicy => ({
@@ -112,26 +114,26 @@ function agentOpts(io: StepIo, host: HostHandle): CallOpts {
 }
 
 /**
- * Agent calls made at once: one round trip per host and the slowest call's work count, not
- * their sum (the overhead must not shrink because calls overlapped).
+ * Agent calls made at once count as the slowest one: its work and one round trip to its host,
+ * not their sums (the overhead must not shrink because calls overlapped).
  */
 async function inParallel(io: StepIo, calls: Call[]): Promise<void> {
   const t0 = performance.now();
-  let work = 0;
-  const rpc = new Map<string, number>();
+  let slowest: { host: string; wall: number; server: number } | undefined;
   await Promise.all(
     calls.map(([host, c]) =>
       c({
         signal: io.signal,
         onServerMs: (ms) => {
-          work = Math.max(work, ms);
-          rpc.set(host.name, Math.min(rpc.get(host.name) ?? Infinity, Math.max(0, performance.now() - t0 - ms)));
+          const wall = performance.now() - t0;
+          if (!slowest || wall > slowest.wall) slowest = { host: host.name, wall, server: ms };
         },
       }),
     ),
   );
-  addWork(io, work);
-  for (const [host, ms] of rpc) addRpc(io, host, ms);
+  if (!slowest) return;
+  addWork(io, slowest.server);
+  addRpc(io, slowest.host, Math.max(0, slowest.wall - slowest.server));
 }
 
 const ignoreNotFound = (e: unknown): void => {
@@ -164,20 +166,20 @@ function pathOf(ctx: MigrationCtx): PathSwitch {
   };
 }
 
-/** Pull one blob from the source into the destination, counting bytes and MB/s. */
-async function pull(ctx: MigrationCtx, io: StepIo, blob: BlobRef, suffix: string): Promise<number> {
-  let workMs = 0;
+/**
+ * Pull one blob from the source into the destination, counting bytes and MB/s. The destination's
+ * time on the call (its trailer, through `opts`) is the work: the copy from the source included.
+ */
+async function pull(ctx: MigrationCtx, io: StepIo, blob: BlobRef, suffix: string, opts: CallOpts): Promise<void> {
   for await (const p of ctx.dest.client.pullBlob(
     { ...call(io, suffix), blob, sourceAddress: ctx.source.address, sourceServerName: ctx.source.tlsServerName, chunkBytes: 1 << 20 },
-    { signal: io.signal },
+    opts,
   )) {
     if (p.done && p.stats) {
       io.addBytes(p.stats.bytes - p.stats.resumedFrom);
       io.detail(`${suffix}_mb_per_s`, p.stats.mbPerS);
-      workMs = p.stats.durationMs;
     }
   }
-  return workMs;
 }
 
 const inspect: Step<MigrationCtx> = {
@@ -196,7 +198,6 @@ const inspect: Step<MigrationCtx> = {
     ctx.out.imageDigest = container.imageDigest;
     // The path switch's revert points the flows back at this port: without it a rollback fails.
     if (container.spec.network?.ofport) ctx.out.sourceOfport = container.spec.network.ofport;
-    await ctx.persist();
   },
 };
 
@@ -213,7 +214,7 @@ const prepareImage: Step<MigrationCtx> = {
       // Full migration: the image travels too, but ahead of the freeze, so not in the downtime.
       const { complete, receivedBytes } = await ctx.source.client.getBlobStatus({ digest }, agentOpts(io, ctx.source));
       if (!complete) throw new FerryError("FailedPrecondition", `the source ${ctx.source.name} does not hold the image ${digest} any more`);
-      addWork(io, await pull(ctx, io, { digest, sizeBytes: receivedBytes, kind: BlobKind.BLOB_KIND_IMAGE }, "image"));
+      await pull(ctx, io, { digest, sizeBytes: receivedBytes, kind: BlobKind.BLOB_KIND_IMAGE }, "image", agentOpts(io, ctx.dest));
       // Name it there as on the source, unless that name means another image there: the
       // destination can then run new containers of this image by name too.
       const name = need(ctx.out.spec, "spec").image;
@@ -223,7 +224,6 @@ const prepareImage: Step<MigrationCtx> = {
           await ctx.dest.client.tagImage({ ...call(io, "tag"), name, digest }, agentOpts(io, ctx.dest));
       }
     }
-    await ctx.persist();
   },
 };
 
@@ -242,7 +242,6 @@ const prepareNetns: Step<MigrationCtx> = {
       agentOpts(io, ctx.dest),
     );
     ctx.out.destOfport = r.ofport;
-    await ctx.persist();
   },
   async compensate(ctx, io) {
     await ctx.dest.client.clearNetns({ ...call(io), container: ctx.container }, agentOpts(io, ctx.dest));
@@ -256,9 +255,9 @@ const checkpoint: Step<MigrationCtx> = {
   inDowntime: true,
   async run(ctx, io) {
     const r = await ctx.source.client.checkpoint({ ...call(io), name: ctx.container, tcpEstablished: true }, agentOpts(io, ctx.source));
+    // Saved with the step's DONE: an undo that finds no id here asks the source (see below).
     ctx.out.checkpointId = r.checkpointId;
     ctx.out.connections = r.connections;
-    await ctx.persist();
     const s = r.stats;
     if (s) {
       io.detail("criu_frozen_ms", s.frozenMs);
@@ -274,14 +273,15 @@ const checkpoint: Step<MigrationCtx> = {
       .inspectContainer({ name: ctx.container }, agentOpts(io, ctx.source))
       .catch(() => ({ container: undefined }));
     if (container?.state === ContainerState.CONTAINER_STATE_RUNNING) return;
-    if (!ctx.out.checkpointId) {
+    // A controller that died between the dump and its DONE never saved the id; the source, whose
+    // container is CHECKPOINTED by exactly that dump, has it.
+    const checkpointId =
+      ctx.out.checkpointId || (container?.state === ContainerState.CONTAINER_STATE_CHECKPOINTED ? container.checkpointId : "");
+    if (!checkpointId) {
       if (container) return; // the dump never happened: the container was left as it was
       throw new FerryError("Internal", `container "${ctx.container}" is gone from ${ctx.source.name} and no checkpoint was recorded`);
     }
-    await ctx.source.client.restore(
-      { ...call(io), spec: ctx.out.spec, checkpointId: ctx.out.checkpointId, tcpEstablished: true },
-      agentOpts(io, ctx.source),
-    );
+    await ctx.source.client.restore({ ...call(io), spec: ctx.out.spec, checkpointId, tcpEstablished: true }, agentOpts(io, ctx.source));
   },
 };
 
@@ -291,23 +291,36 @@ const transfer: Step<MigrationCtx> = {
   retry: downtimeRetry,
   inDowntime: true,
   async run(ctx, io) {
-    const ex = await ctx.source.client.exportCheckpoint(
-      { ...call(io, "export"), name: ctx.container, checkpointId: need(ctx.out.checkpointId, "checkpoint id") },
-      agentOpts(io, ctx.source),
-    );
-    ctx.out.checkpointBlob = need(ex.checkpoint, "checkpoint blob");
-    ctx.out.upperBlob = need(ex.upper, "upper blob");
-    await ctx.persist();
-    const [a, b] = await Promise.all([pull(ctx, io, ctx.out.checkpointBlob, "checkpoint"), pull(ctx, io, ctx.out.upperBlob, "upper")]);
+    // Not saved before the pulls (the undo can ask again, below): with the step's DONE.
+    const { checkpointBlob, upperBlob } = await exportCheckpoint(ctx, io);
     // The two pulls overlap: the longer one is the work (the export's time came with its call).
-    addWork(io, Math.max(a, b));
-    io.detail("export_ms", ex.durationMs);
+    await inParallel(io, [
+      [ctx.dest, (o) => pull(ctx, io, checkpointBlob, "checkpoint", o)],
+      [ctx.dest, (o) => pull(ctx, io, upperBlob, "upper", o)],
+    ]);
   },
   async compensate(ctx, io) {
+    // A controller that died before the DONE never saved which blobs the export made: asked
+    // again with the same operation key, the source answers with the same ones (or exports now,
+    // for them to be deleted at once).
+    // An export that fails made no blobs: nothing more to find.
+    if (!ctx.out.checkpointBlob && ctx.out.checkpointId) await exportCheckpoint(ctx, io).catch(() => undefined);
     // Both copies: the one pulled to the destination and the one exported on the source.
     await inParallel(io, [...blobDeletions(ctx, io, "dest"), ...blobDeletions(ctx, io, "source")]);
   },
 };
+
+/** The checkpoint and upper dir packed into blobs on the source: one operation, whoever asks. */
+async function exportCheckpoint(ctx: MigrationCtx, io: StepIo): Promise<{ checkpointBlob: BlobRef; upperBlob: BlobRef }> {
+  const ex = await ctx.source.client.exportCheckpoint(
+    { operationKey: `${ctx.id}/transfer/export`, name: ctx.container, checkpointId: need(ctx.out.checkpointId, "checkpoint id") },
+    agentOpts(io, ctx.source),
+  );
+  ctx.out.checkpointBlob = need(ex.checkpoint, "checkpoint blob");
+  ctx.out.upperBlob = need(ex.upper, "upper blob");
+  io.detail("export_ms", ex.durationMs);
+  return { checkpointBlob: ctx.out.checkpointBlob, upperBlob: ctx.out.upperBlob };
+}
 
 const clearSourceNetns: Step<MigrationCtx> = {
   name: "clear-source-netns",

@@ -55,9 +55,53 @@ describe("runPipeline: the happy path", () => {
     expect(m.finishedAt?.getTime()).toBe(clock);
     // Every step was saved RUNNING before DONE, and the sink got the changed step with it.
     expect(sink.stepStates("checkpoint")).toEqual([S.STEP_STATE_PENDING, S.STEP_STATE_RUNNING, S.STEP_STATE_DONE]);
-    expect(sink.saves.some((s) => s.step?.name === "commit" && s.step.state === S.STEP_STATE_RUNNING)).toBe(true);
+    expect(sink.saves.some((s) => s.steps.some((r) => r.name === "commit" && r.state === S.STEP_STATE_RUNNING))).toBe(true);
     expect(sink.states()).toEqual([M.MIGRATION_STATE_RUNNING, M.MIGRATION_STATE_SUCCEEDED]);
     expect(sink.last).toEqual(m);
+  });
+
+  it("saves once per stage boundary: a step's DONE and the next stage's RUNNING go in one write", async () => {
+    const trace: string[] = [];
+    const stages: Stage<unknown>[] = [
+      fakeStep("a", trace),
+      { group: "g", steps: [fakeStep("b1", trace), fakeStep("b2", trace), fakeStep("b3", trace)] },
+      fakeStep("commit", trace),
+    ];
+    // A sink as slow as an fsync: saves that arrive meanwhile must wait, and are merged.
+    const sink = new MemorySink();
+    const slow = { save: async (...a: Parameters<MemorySink["save"]>) => (sink.save(...a), new Promise((r) => setTimeout(r, 5))) };
+    const r = await runPipeline(stages, {}, opts(sink, { record: slow }));
+    expect(r.migration.state).toBe(M.MIGRATION_STATE_SUCCEEDED);
+    const changed = sink.saves.map((s) => s.steps.map((x) => `${x.name}:${S[x.state].slice(11)}`).sort());
+    expect(changed).toEqual([
+      ["a:RUNNING"], // the migration's RUNNING state rides with it
+      ["a:DONE", "b1:RUNNING", "b2:RUNNING", "b3:RUNNING"],
+      ...changed.slice(2, -2), // the group's DONEs, as they come
+      expect.arrayContaining(["commit:RUNNING"]),
+      ["commit:DONE"],
+    ]);
+    expect(sink.saves[0]!.m.state).toBe(M.MIGRATION_STATE_RUNNING);
+    expect(sink.saves.length).toBeLessThanOrEqual(6);
+    expect(sink.stepStates("b2")).toEqual([S.STEP_STATE_PENDING, S.STEP_STATE_RUNNING, S.STEP_STATE_DONE]);
+  });
+
+  it("write-ahead: a step with an undo waits for its RUNNING save; one without does not", async () => {
+    const trace: string[] = [];
+    const sink = new MemorySink();
+    let release!: () => void;
+    const held = new Promise<void>((r) => (release = r));
+    // The first save is held: "look" (no undo) runs anyway; "act" may not until it is done.
+    const gated = { save: async (...a: Parameters<MemorySink["save"]>) => (sink.save(...a), sink.saves.length === 1 ? held : undefined) };
+    const stages: Stage<unknown>[] = [fakeStep("look", trace, { compensate: false }), fakeStep("act", trace), fakeStep("commit", trace)];
+    const run = runPipeline(stages, {}, opts(sink, { record: gated }));
+    await new Promise((r) => setTimeout(r, 30));
+    expect(trace).toEqual(["run:look"]);
+    release();
+    const r = await run;
+    expect(r.migration.state).toBe(M.MIGRATION_STATE_SUCCEEDED);
+    expect(trace).toEqual(["run:look", "run:act", "run:commit"]);
+    // "look" ran before any save ended; the held save is the one that carried "act" RUNNING.
+    expect(sink.saves[0]!.steps.find((st) => st.name === "act")?.state).toBe(S.STEP_STATE_RUNNING);
   });
 
   it("runs a group's steps at the same time", async () => {

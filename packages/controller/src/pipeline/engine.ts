@@ -27,7 +27,8 @@
  *   commit step DONE                          -> roll forward: run the steps not DONE
  *   CANCELLING / ROLLING_BACK / a step FAILED -> finish the rollback (started steps not COMPENSATED)
  *   otherwise                                 -> onResume: "rollback" (default) | "continue"
- *   A step recorded RUNNING at the crash counts as started: it may have half-happened.
+ *   A step recorded RUNNING at the crash counts as started: it may have half-happened. A step
+ *   with an undo is recorded RUNNING before it acts (write-ahead); one without may not be.
  */
 import { MigrationState, StepState, type Migration, type StepRecord } from "@ferry/api/controller";
 import { FerryError, RETRYABLE_CODES, asFerryError, type Logger } from "@ferry/common";
@@ -186,7 +187,9 @@ class PipelineRun<C> {
   /** Aborted on cancel, while the commit step has not started; steps before it listen to it. */
   private readonly cancelCtl = new AbortController();
   private commitStarted = false;
-  private saveChain: Promise<void> = Promise.resolve();
+  /** The save last queued (the next one starts after it), and the one not yet started, if any. */
+  private saving: Promise<void> = Promise.resolve();
+  private pending: { done: Promise<void>; kick: () => void; steps: Set<string> } | undefined;
   private readonly t0: number;
   private readonly baseTotalMs: number;
   private readonly warnings: string[] = [];
@@ -240,7 +243,8 @@ class PipelineRun<C> {
       ) {
         this.record.state = MigrationState.MIGRATION_STATE_RUNNING;
       }
-      await this.persist();
+      // The first step's RUNNING save (awaited) carries it.
+      void this.persist(undefined, true);
       if (outer?.aborted) this.onCancel();
       return await body();
     } finally {
@@ -323,16 +327,20 @@ class PipelineRun<C> {
     rec.details = {};
     log.info({ inDowntime: !!step.inDowntime }, "step started");
     const outcome = await this.retrying(step, "run", step.timeoutMs, parent, log, rec, async () => {
-      await this.persist(rec);
+      // Write-ahead: RUNNING is durable before a step with an undo acts, so that a restarted
+      // controller knows to undo it. A step without one leaves nothing to undo (a resume runs it
+      // again or not at all): its RUNNING save goes with the next one.
+      if (step.compensate) await this.persist(rec);
+      else void this.persist(rec, true);
     });
     rec.durationMs = Math.round(this.now() - t);
     if (outcome.ok) {
       rec.state = StepState.STEP_STATE_DONE;
       log.info({ durationMs: rec.durationMs, attempts: rec.attempts, bytes: rec.bytes, details: rec.details }, "step done");
-      // Not awaited: saves are ordered, and the next step awaits its own RUNNING save (or the
-      // end awaits the final one), so DONE is durable before anything depends on it. Saves one
-      // fsync'd write per step on the downtime's critical path.
-      void this.persist(rec);
+      // Not awaited, and lazy: the next step's RUNNING save (awaited) carries it, or the end's
+      // final save does, so DONE is durable before anything depends on it, and a step boundary
+      // costs one durable write on the downtime's critical path.
+      void this.persist(rec, true);
       return undefined;
     }
     rec.state = StepState.STEP_STATE_FAILED;
@@ -559,20 +567,39 @@ class PipelineRun<C> {
   }
 
   /**
-   * Queues a snapshot for the sink; saves happen one at a time, in order. A sink failure is
-   * logged, not fatal: the migration's safety does not depend on the journal unless the
-   * controller also dies (then the last good version is what resume sees).
+   * Saves the record to the sink, with `step` among the steps that changed. Saves happen one at a
+   * time, in order, each with the record as it is when it starts; persists made while a save is
+   * waiting join it (group commit), so a group's steps starting together cost one durable write.
+   * `lazy` (a step done): the save waits one turn of the event loop, for the next step's RUNNING
+   * save to join it, so a step boundary costs one write, not two. The returned promise resolves
+   * once a save including this change is done. A sink failure is logged, not fatal: the
+   * migration's safety does not depend on the journal unless the controller also dies (then the
+   * last good version is what resume sees).
    */
-  private persist(step?: StepRecord): Promise<void> {
+  private persist(step?: StepRecord, lazy = false): Promise<void> {
     this.updateTotals();
-    const snap = structuredClone(this.record);
-    const stepSnap = step ? structuredClone(step) : undefined;
-    this.saveChain = this.saveChain
-      .then(() => this.opts.record.save(snap, stepSnap))
-      .catch((e: unknown) => {
-        this.log.error({ err: asFerryError(e).message }, "migration record not saved");
-      });
-    return this.saveChain;
+    let p = this.pending;
+    if (!p) {
+      let kick!: () => void;
+      const kicked = new Promise<void>((resolve) => (kick = resolve));
+      const steps = new Set<string>();
+      const done = Promise.all([kicked, this.saving])
+        .then(async () => {
+          // From here on, changes go to the next save.
+          this.pending = undefined;
+          const changed = [...steps].map((n) => structuredClone(this.rec(n)));
+          await this.opts.record.save(structuredClone(this.record), changed);
+        })
+        .catch((e: unknown) => {
+          this.log.error({ err: asFerryError(e).message }, "migration record not saved");
+        });
+      this.saving = done;
+      p = this.pending = { done, kick, steps };
+      if (lazy) setImmediate(kick);
+      else kick();
+    } else if (!lazy) p.kick();
+    if (step) p.steps.add(step.name);
+    return p.done;
   }
 }
 

@@ -22,20 +22,29 @@ beforeEach(async () => {
   dir = await mkdtemp(join(tmpdir(), "ferry-resume-"));
 });
 afterEach(async () => {
+  await Promise.all(opened.splice(0).map((j) => j.close()));
   await rm(dir, { recursive: true, force: true });
 });
+
+/** Journals opened by a test, closed after it (a journal keeps its unfinished migrations' logs open). */
+const opened: MigrationJournal[] = [];
+async function openJournal(stateDir: string): Promise<MigrationJournal> {
+  const j = await MigrationJournal.open(stateDir);
+  opened.push(j);
+  return j;
+}
 
 /** Forwards saves to the journal until `crashAfter` matches a save; drops every later one. */
 class CrashingSink implements MigrationRecordSink {
   private dead = false;
   constructor(
     private readonly journal: MigrationJournal,
-    private readonly crashAfter: (m: Migration, step?: StepRecord) => boolean,
+    private readonly crashAfter: (m: Migration, step: StepRecord) => boolean,
   ) {}
-  async save(m: Migration, step?: StepRecord): Promise<void> {
+  async save(m: Migration, steps: StepRecord[]): Promise<void> {
     if (this.dead) return;
     await this.journal.save(m);
-    if (this.crashAfter(m, step)) this.dead = true;
+    if (steps.some((s) => this.crashAfter(m, s))) this.dead = true;
   }
 }
 
@@ -44,10 +53,10 @@ const pipeline = (trace: string[], o: Overrides = {}): Stage<unknown>[] => NAMES
 
 /** Runs a first engine until the crash point, then returns what a restarted controller reads. */
 async function crashAt(
-  crashAfter: (m: Migration, step?: StepRecord) => boolean,
+  crashAfter: (m: Migration, step: StepRecord) => boolean,
   o: Overrides = {},
 ): Promise<{ saved: Migration; before: string[] }> {
-  const j1 = await MigrationJournal.open(dir);
+  const j1 = await openJournal(dir);
   const before: string[] = [];
   // The first engine runs to its end in memory; only the journal (the disk) stopped at the crash.
   await runPipeline(
@@ -62,14 +71,14 @@ async function crashAt(
     },
   );
   await j1.flush();
-  const j2 = await MigrationJournal.open(dir);
+  const j2 = await openJournal(dir);
   const unfinished = await j2.unfinished();
   expect(unfinished.map((m) => m.id)).toEqual(["m-7"]);
   return { saved: unfinished[0]!, before };
 }
 
 async function resume(saved: Migration, trace: string[], over: Partial<ResumeOptions> = {}, o: Overrides = {}) {
-  const j = await MigrationJournal.open(dir);
+  const j = await openJournal(dir);
   const r = await resumePipeline(pipeline(trace, o), {}, saved, {
     record: j,
     log: silentLogger,
@@ -77,13 +86,13 @@ async function resume(saved: Migration, trace: string[], over: Partial<ResumeOpt
     sleep: async () => undefined,
     ...over,
   });
-  const reread = await (await MigrationJournal.open(dir)).get("m-7");
+  const reread = await (await openJournal(dir)).get("m-7");
   expect(reread).toEqual(r.migration);
-  expect(await (await MigrationJournal.open(dir)).unfinished()).toEqual([]);
+  expect(await (await openJournal(dir)).unfinished()).toEqual([]);
   return r;
 }
 
-const runningStep = (name: string) => (_m: Migration, step?: StepRecord) => step?.name === name && step.state === S.STEP_STATE_RUNNING;
+const runningStep = (name: string) => (_m: Migration, step: StepRecord) => step.name === name && step.state === S.STEP_STATE_RUNNING;
 const states = (m: Migration) => Object.fromEntries(m.steps.map((s) => [s.name, s.state]));
 
 describe("resumePipeline after a controller crash", () => {
@@ -137,7 +146,7 @@ describe("resumePipeline after a controller crash", () => {
 
   it("crash mid-rollback → finishes the rollback, never undoing a step twice", async () => {
     // transfer fails; its undo completes; the controller dies while undoing checkpoint.
-    const crashed = (_m: Migration, step?: StepRecord) => step?.name === "checkpoint" && step.details["undo_attempts"] === 1;
+    const crashed = (_m: Migration, step: StepRecord) => step.name === "checkpoint" && step.details["undo_attempts"] === 1;
     const { saved, before } = await crashAt(crashed, { transfer: { run: fail("DataLoss", "checksum mismatch") } });
     expect(before.slice(0, 5)).toEqual(["run:validate", "run:prepare", "run:checkpoint", "run:transfer", "undo:transfer"]);
     expect(saved.state).toBe(M.MIGRATION_STATE_ROLLING_BACK);
@@ -153,7 +162,7 @@ describe("resumePipeline after a controller crash", () => {
   });
 
   it("crash right after a step failed (before the rollback began) → rolls back", async () => {
-    const crashed = (_m: Migration, step?: StepRecord) => step?.name === "transfer" && step.state === S.STEP_STATE_FAILED;
+    const crashed = (_m: Migration, step: StepRecord) => step.name === "transfer" && step.state === S.STEP_STATE_FAILED;
     const { saved } = await crashAt(crashed, { transfer: { run: fail("Internal", "boom") } });
     expect(saved.state).toBe(M.MIGRATION_STATE_RUNNING);
     const trace: string[] = [];
@@ -179,7 +188,7 @@ describe("resumePipeline after a controller crash", () => {
   });
 
   it("returns an ended migration as it was saved, running nothing", async () => {
-    const j = await MigrationJournal.open(dir);
+    const j = await openJournal(dir);
     const done = { ...newMigration("m-7"), state: M.MIGRATION_STATE_SUCCEEDED };
     const trace: string[] = [];
     const r = await resumePipeline(pipeline(trace), {}, done, { record: j, log: silentLogger, commitStep: COMMIT });

@@ -46,9 +46,9 @@ export const fail = (code: FerryError["code"], msg: string) => (): never => {
 
 /** Keeps every snapshot the engine saved, in order. */
 export class MemorySink implements MigrationRecordSink {
-  readonly saves: { m: Migration; step?: StepRecord | undefined }[] = [];
-  save(m: Migration, step?: StepRecord): void {
-    this.saves.push({ m, step });
+  readonly saves: { m: Migration; steps: StepRecord[] }[] = [];
+  save(m: Migration, steps: StepRecord[]): void {
+    this.saves.push({ m, steps });
   }
   get last(): Migration {
     return this.saves[this.saves.length - 1]!.m;

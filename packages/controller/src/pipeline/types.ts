@@ -65,12 +65,14 @@ export function isGroup<C>(s: Stage<C>): s is StepGroup<C> {
 }
 
 /**
- * Where the engine records every state change. It receives a private snapshot each time (safe to
- * keep or serialise later); calls are made one at a time, in order. `MigrationJournal` implements it;
- * wrap it to also publish to WatchMigration streams (`step` is the record that changed, if any).
+ * Where the engine records state changes. It receives a private snapshot each time (safe to keep
+ * or serialise later); calls are made one at a time, in order. Changes made while a save is
+ * waiting are saved together: `steps` are the step records that changed since the last save
+ * (none when only the migration's own state did). `MigrationJournal` implements it; wrap it to
+ * also publish to WatchMigration streams.
  */
 export interface MigrationRecordSink {
-  save(m: Migration, step?: StepRecord): Promise<void> | void;
+  save(m: Migration, steps: StepRecord[]): Promise<void> | void;
 }
 
 export interface PipelineOptions {
