@@ -1,12 +1,30 @@
-import { describe, expect, it } from "vitest";
-import { ExecError, exec } from "./exec.js";
+import { spawn } from "node:child_process";
+import { fileURLToPath } from "node:url";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { ExecError, exec, useLauncher } from "./exec.js";
 
-describe("exec", () => {
+// The same behaviour whether this process spawns or the launcher's helper does.
+describe.each([
+  ["in this process", () => () => undefined],
+  ["through the launcher", useLauncher],
+])("exec %s", (_how, install) => {
+  let uninstall: () => void;
+  beforeAll(() => {
+    uninstall = install();
+  });
+  afterAll(() => uninstall());
+
   it("captures stdout and stderr and feeds stdin", async () => {
     const r = await exec("sh", ["-c", "cat; echo err >&2"], { input: "hello" });
     expect(r.stdout).toBe("hello");
     expect(r.stderr).toBe("err\n");
     expect(r.exitCode).toBe(0);
+    expect((await exec("sh", ["-c", "cat | wc -c"], { input: Buffer.alloc(300_000, 1) })).stdout.trim()).toBe("300000");
+  });
+
+  it("passes env and cwd", async () => {
+    const r = await exec("sh", ["-c", 'echo "$FERRY_X" && pwd'], { env: { FERRY_X: "yes", PATH: process.env.PATH }, cwd: "/tmp" });
+    expect(r.stdout).toBe("yes\n/tmp\n");
   });
 
   it("a non-zero exit carries command, args, exit code and stderr", async () => {
@@ -27,6 +45,12 @@ describe("exec", () => {
     expect(r.exitCode).toBe(1);
   });
 
+  it("reports a program killed by a signal", async () => {
+    const e = (await exec("sh", ["-c", "kill -TERM $$"]).catch((x: unknown) => x)) as ExecError;
+    expect(e.reason).toBe("signal");
+    expect(e.message).toContain("killed by SIGTERM");
+  });
+
   it("kills a command that runs past its timeout", async () => {
     const t = performance.now();
     const e = (await exec("sleep", ["5"], { timeoutMs: 100 }).catch((x: unknown) => x)) as ExecError;
@@ -37,10 +61,12 @@ describe("exec", () => {
 
   it("stops on abort", async () => {
     const ac = new AbortController();
+    const t = performance.now();
     const p = exec("sleep", ["5"], { signal: ac.signal });
-    ac.abort();
+    setTimeout(() => ac.abort(), 50);
     const e = (await p.catch((x: unknown) => x)) as ExecError;
     expect(e.reason).toBe("aborted");
+    expect(performance.now() - t).toBeLessThan(3000);
   });
 
   it("reports a missing program as a spawn error", async () => {
@@ -50,4 +76,69 @@ describe("exec", () => {
     expect(e.exitCode).toBeNull();
     expect(e.message).toContain("/nonexistent/ferry-tool a");
   });
+
+  it("runs many at once", async () => {
+    const rs = await Promise.all(Array.from({ length: 20 }, (_, i) => exec("sh", ["-c", `echo ${i}`])));
+    expect(rs.map((r) => r.stdout.trim())).toEqual(Array.from({ length: 20 }, (_, i) => String(i)));
+  });
 });
+
+describe("the launcher", () => {
+  it("spawns from its helper, not from this process; a helper that dies fails its calls, and the next starts a new one", async () => {
+    const uninstall = useLauncher();
+    try {
+      const parent = async (): Promise<number> => Number((await exec("sh", ["-c", "echo $PPID"])).stdout);
+      const helper = await parent();
+      expect(helper).not.toBe(process.pid);
+      expect((await exec("ps", ["-o", "ppid=", "-p", String(helper)])).stdout.trim()).toBe(String(process.pid));
+      // Kill the helper while it runs a program: that call fails, saying why; the next one works.
+      const running = exec("sleep", ["5"]);
+      await new Promise((r) => setTimeout(r, 100));
+      process.kill(helper, "SIGKILL");
+      const e = (await running.catch((x: unknown) => x)) as ExecError;
+      expect(e.reason).toBe("spawn");
+      expect(e.message).toMatch(/the launcher helper (went away|exited \(SIGKILL\)) while the program ran/);
+      const next = await parent();
+      expect(next).not.toBe(helper);
+      expect(next).not.toBe(process.pid);
+    } finally {
+      uninstall();
+    }
+  });
+
+  it("does not keep a finished process alive, and its helper goes with it", async () => {
+    const execPath = fileURLToPath(new URL("./exec.ts", import.meta.url));
+    const script = `import { exec, useLauncher } from ${JSON.stringify(execPath)};
+      useLauncher();
+      const r = await exec("sh", ["-c", "echo $PPID"]);
+      process.stdout.write("helper " + r.stdout);`;
+    const child = spawn(process.execPath, ["--import", "tsx", "--input-type=module", "-e", script], {
+      cwd: fileURLToPath(new URL("../../..", import.meta.url)),
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    let out = "";
+    child.stdout.on("data", (d: Buffer) => (out += d.toString()));
+    const code = await new Promise<number | null>((resolve, reject) => {
+      const t = setTimeout(() => reject(new Error(`still running after 10 s: ${out}`)), 10_000);
+      child.on("exit", (c) => {
+        clearTimeout(t);
+        resolve(c);
+      });
+    });
+    expect(code).toBe(0);
+    const helper = Number(/helper (\d+)/.exec(out)?.[1]);
+    expect(helper).toBeGreaterThan(0);
+    // The helper exits once its parent is gone (its IPC channel closes).
+    for (let i = 0; i < 100 && isAlive(helper); i++) await new Promise((r) => setTimeout(r, 20));
+    expect(isAlive(helper)).toBe(false);
+  });
+});
+
+function isAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}

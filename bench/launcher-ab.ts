@@ -1,0 +1,94 @@
+// A/B of the agents' spawn mode, interleaved in one run on one testbed, through the agents:
+//   A: the agent spawns runc, criu, ip and ovs-* itself (`--spawn in-process`);
+//   B: a small helper process spawns them (`--spawn helper`, the default).
+// Both agents are restarted in the round's mode (containers survive it), then the container
+// moves edge-a -> edge-b -> edge-a with a checking client connected. Prints the medians of each
+// mode (downtime, checkpoint, transfer, restore, the gap the client saw) and the ratios B/A.
+//   npx tsx --conditions=source bench/launcher-ab.ts [--rounds N]
+import { spawn } from "node:child_process";
+import { parseArgs } from "node:util";
+import type { ContainerSpec } from "@ferry/api/agent";
+import { destroyBeds, makeBed, median, migrateViaAgents, routeTo, type MigrationTimes } from "../test/helpers/agents.js";
+
+const { values } = parseArgs({ options: { rounds: { type: "string", default: "6" } } });
+const rounds = Number(values.rounds);
+const MODES = { A: "in-process", B: "helper" } as const;
+const bed = await makeBed(["edge-a", "edge-b"]);
+try {
+  const spec: ContainerSpec = {
+    name: "ab",
+    image: "testkit",
+    args: ["/usr/local/bin/ferry-echo", "7000"],
+    env: [],
+    cwd: "/",
+    cpuMillicores: 0,
+    memoryLimitBytes: 0,
+    network: { ipCidr: "10.77.0.51/24", mac: "", gateway: "", bridge: "", ofport: 0 },
+    labels: {},
+  };
+  const a = bed.edges.get("edge-a")!;
+  const { container } = await a.client.createContainer({ spec, createNetns: true });
+  await a.client.startContainer({ name: "ab" });
+  await routeTo(bed, "10.77.0.51", a.host, container!.spec!.network!.ofport);
+  const client = spawn(
+    "nsenter",
+    [`--net=${bed.workload.netnsPath}`, bed.echoClient, "10.77.0.51", "7000", "--rate", "100000", "--gap-ms", "50"],
+    { stdio: ["ignore", "pipe", "pipe"] },
+  );
+  let out = "";
+  client.stdout.on("data", (d: Buffer) => (out += d.toString()));
+  await new Promise((r) => setTimeout(r, 1500));
+  const t0 = Date.now();
+  const runs: { variant: "A" | "B"; t: MigrationTimes; atMs: number }[] = [];
+  let where = "edge-a";
+  for (let i = 0; i < rounds * 2; i++) {
+    const variant = i % 2 === 0 ? "A" : "B";
+    for (const h of ["edge-a", "edge-b"]) await bed.spawn(h, undefined, ["--spawn", MODES[variant]]);
+    await new Promise((r) => setTimeout(r, 1000));
+    for (let leg = 0; leg < 2; leg++) {
+      const to = where === "edge-a" ? "edge-b" : "edge-a";
+      const atMs = Date.now() - t0;
+      runs.push({ variant, t: await migrateViaAgents(bed, spec, where, to, `ab-${i}-${leg}`), atMs });
+      where = to;
+      await new Promise((r) => setTimeout(r, 1500));
+    }
+  }
+  client.kill("SIGTERM");
+  await new Promise((r) => client.on("close", r));
+  const report = JSON.parse(out) as { errors: number; sent: number; checked: number; gaps: { atMs: number; ms: number }[] };
+  // The client's clock starts ~1.5 s before ours: match each gap to the migration it follows.
+  const gapOf = (r: (typeof runs)[number]): number =>
+    Math.max(0, ...report.gaps.filter((g) => g.atMs >= r.atMs && g.atMs <= r.atMs + 1500 + 3000).map((g) => g.ms));
+  const stat = (v: "A" | "B") => {
+    const rs = runs.filter((r) => r.variant === v);
+    const m = (f: (r: (typeof rs)[number]) => number): number => Math.round(median(rs.map(f)));
+    return {
+      spawn: MODES[v],
+      migrations: rs.length,
+      downtime_ms: m((r) => r.t.downtimeMs),
+      checkpoint_ms: m((r) => r.t.checkpointMs),
+      transfer_ms: m((r) => r.t.transferMs),
+      restore_ms: m((r) => r.t.restoreMs),
+      client_gap_ms: m(gapOf),
+    };
+  };
+  const A = stat("A");
+  const B = stat("B");
+  console.log(
+    JSON.stringify(
+      {
+        rounds,
+        A,
+        B,
+        ratio_downtime: +(B.downtime_ms / A.downtime_ms).toFixed(2),
+        ratio_gap: +(B.client_gap_ms / A.client_gap_ms).toFixed(2),
+        errors: report.errors,
+        lost: report.sent - report.checked,
+      },
+      null,
+      1,
+    ),
+  );
+} finally {
+  await destroyBeds();
+}
