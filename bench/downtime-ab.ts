@@ -5,41 +5,15 @@
 //     cleared after the restore; every host's flows switched at once.
 // Prints the median downtime and client-seen gap of each, and the ratio B/A.
 //   npx tsx --conditions=source bench/downtime-ab.ts [--rounds N]
-import { spawn } from "node:child_process";
 import { parseArgs } from "node:util";
-import type { ContainerSpec } from "@ferry/api/agent";
-import { destroyBeds, makeBed, median, migrateViaAgents, routeTo } from "../test/helpers/agents.js";
+import { destroyBeds, echoUnderTest, makeBed, median, migrateViaAgents } from "../test/helpers/agents.js";
 
 const { values } = parseArgs({ options: { rounds: { type: "string", default: "8" } } });
 const rounds = Number(values.rounds);
 const bed = await makeBed(["edge-a", "edge-b"]);
 try {
-  const spec: ContainerSpec = {
-    name: "ab",
-    image: "testkit",
-    args: ["/usr/local/bin/ferry-echo", "7000"],
-    env: [],
-    cwd: "/",
-    cpuMillicores: 0,
-    memoryLimitBytes: 0,
-    network: { ipCidr: "10.77.0.50/24", mac: "", gateway: "", bridge: "", ofport: 0 },
-    labels: {},
-  };
-  const a = bed.edges.get("edge-a")!;
-  const { container } = await a.client.createContainer({ spec, createNetns: true });
-  await a.client.startContainer({ name: "ab" });
-  await routeTo(bed, "10.77.0.50", a.host, container!.spec!.network!.ofport);
-  const client = spawn(
-    "nsenter",
-    [`--net=${bed.workload.netnsPath}`, bed.echoClient, "10.77.0.50", "7000", "--rate", "100000", "--gap-ms", "50"],
-    {
-      stdio: ["ignore", "pipe", "pipe"],
-    },
-  );
-  let out = "";
-  client.stdout.on("data", (d: Buffer) => (out += d.toString()));
-  await new Promise((r) => setTimeout(r, 1500));
-  const t0 = Date.now();
+  const echo = await echoUnderTest(bed, "ab", "10.77.0.50");
+  const { spec, t0 } = echo;
   const runs: { variant: "A" | "B"; downtimeMs: number; atMs: number }[] = [];
   let where = "edge-a";
   for (let i = 0; i < rounds * 2; i++) {
@@ -58,12 +32,8 @@ try {
     where = to;
     await new Promise((r) => setTimeout(r, 2000));
   }
-  client.kill("SIGTERM");
-  await new Promise((r) => client.on("close", r));
-  const report = JSON.parse(out) as { errors: number; sent: number; checked: number; gaps: { atMs: number; ms: number }[] };
-  // The client's clock starts ~1.5 s before ours: match each gap to the migration it follows.
-  const gapOf = (r: (typeof runs)[number]): number =>
-    Math.max(0, ...report.gaps.filter((g) => g.atMs >= r.atMs && g.atMs <= r.atMs + 1500 + 3000).map((g) => g.ms));
+  const report = await echo.finish();
+  const gapOf = (r: (typeof runs)[number]): number => echo.gapAfter(r.atMs);
   const stat = (v: "A" | "B") => {
     const rs = runs.filter((r) => r.variant === v);
     return { downtime_ms: Math.round(median(rs.map((r) => r.downtimeMs))), client_gap_ms: Math.round(median(rs.map(gapOf))) };

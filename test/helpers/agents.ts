@@ -1,5 +1,6 @@
 // Agents in emulated edge hosts for integration tests: a testbed, the test image, real agents
 // over mTLS, a client workload, and COAT's migration done step by step through the agents' RPCs.
+import { spawn } from "node:child_process";
 import { mkdtemp, rm } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
@@ -267,4 +268,58 @@ export async function migrateViaAgents(
 export function median(xs: number[]): number {
   const s = [...xs].sort((a, b) => a - b);
   return s.length ? s[Math.floor((s.length - 1) / 2)]! : NaN;
+}
+
+/** What ferry-echo-client prints when it stops: bytes sent and checked, errors, and each gap. */
+export interface EchoClientReport {
+  errors: number;
+  sent: number;
+  checked: number;
+  gaps: { atMs: number; ms: number }[];
+}
+
+/**
+ * For the A/B benchmarks: a ferry-echo container `name` at `ip` on edge-a, routed, and the
+ * checking client connected to it from the client workload (100 kB/s, gaps from 50 ms).
+ * `t0` is taken 1.5 s after the client started; `gapAfter(atMs)` is the longest gap the client
+ * saw within 4.5 s after `atMs` (ms since `t0`), once `finish()` has stopped it.
+ */
+export async function echoUnderTest(
+  bed: Bed,
+  name: string,
+  ip: string,
+): Promise<{ spec: ContainerSpec; t0: number; finish(): Promise<EchoClientReport>; gapAfter(atMs: number): number }> {
+  const spec: ContainerSpec = {
+    name,
+    image: "testkit",
+    args: ["/usr/local/bin/ferry-echo", "7000"],
+    env: [],
+    cwd: "/",
+    cpuMillicores: 0,
+    memoryLimitBytes: 0,
+    network: { ipCidr: `${ip}/24`, mac: "", gateway: "", bridge: "", ofport: 0 },
+    labels: {},
+  };
+  const a = bed.edges.get("edge-a")!;
+  const { container } = await a.client.createContainer({ spec, createNetns: true });
+  await a.client.startContainer({ name });
+  await routeTo(bed, ip, a.host, container!.spec!.network!.ofport);
+  const client = spawn("nsenter", [`--net=${bed.workload.netnsPath}`, bed.echoClient, ip, "7000", "--rate", "100000", "--gap-ms", "50"], {
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  let out = "";
+  client.stdout.on("data", (d: Buffer) => (out += d.toString()));
+  await new Promise((r) => setTimeout(r, 1500));
+  let report: EchoClientReport | undefined;
+  return {
+    spec,
+    t0: Date.now(),
+    async finish() {
+      client.kill("SIGTERM");
+      await new Promise((r) => client.on("close", r));
+      return (report = JSON.parse(out) as EchoClientReport);
+    },
+    // The client's clock starts ~1.5 s before t0.
+    gapAfter: (atMs) => Math.max(0, ...(report?.gaps ?? []).filter((g) => g.atMs >= atMs && g.atMs <= atMs + 1500 + 3000).map((g) => g.ms)),
+  };
 }
