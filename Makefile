@@ -35,6 +35,7 @@ certs:
 lint: $(STAMP)/npm
 	npm run gen
 	npx buf lint proto
+	npx tsc -p tsconfig.check.json
 	npx eslint .
 	npx prettier --check .
 

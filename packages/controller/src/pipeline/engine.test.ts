@@ -69,7 +69,7 @@ describe("runPipeline: the happy path", () => {
     ];
     // A sink as slow as an fsync: saves that arrive meanwhile must wait, and are merged.
     const sink = new MemorySink();
-    const slow = { save: async (...a: Parameters<MemorySink["save"]>) => (sink.save(...a), new Promise((r) => setTimeout(r, 5))) };
+    const slow = { save: async (...a: Parameters<MemorySink["save"]>) => (sink.save(...a), new Promise<void>((r) => setTimeout(r, 5))) };
     const r = await runPipeline(stages, {}, opts(sink, { record: slow }));
     expect(r.migration.state).toBe(M.MIGRATION_STATE_SUCCEEDED);
     const changed = sink.saves.map((s) => s.steps.map((x) => `${x.name}:${S[x.state].slice(11)}`).sort());
