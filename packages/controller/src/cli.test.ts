@@ -1,8 +1,10 @@
 // The admin CLI (packages/cli) against this controller over real gRPC (127.0.0.1:0, insecure), with fake agents.
 import { run } from "@ferry/cli";
+import { spawn } from "node:child_process";
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { fileURLToPath } from "node:url";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { startController, type RunningController } from "./controller.js";
 import { FakeNetwork } from "./fake-agent.js";
@@ -90,6 +92,31 @@ describe("ferry CLI against the controller", () => {
     expect(json.controlOverheadMs ?? 0).toBeGreaterThanOrEqual(0);
     expect(json.controlOverheadMs ?? 0).toBeLessThanOrEqual(json.totalMs);
     expect((await ferry("ps", "--host", "edge-b")).out).toMatch(/web\s+edge-b\s+running/);
+  });
+
+  it("the ferry process writes all of a long --json answer into a pipe before it exits", async () => {
+    // Enough migrations for more than a pipe's 64 KiB of JSON.
+    for (let i = 0; i < 20; i++) expect((await ferry("migrate", "web", "--to", i % 2 ? "edge-b" : "edge-a")).code).toBe(0);
+    const main = fileURLToPath(new URL("../../cli/src/main.ts", import.meta.url));
+    // Through a real pipe (`| cat`; Node's own stdio pipes are socket pairs, which write at once).
+    const child = spawn(
+      "bash",
+      ["-c", 'set -o pipefail; "$0" --conditions=source --import tsx "$1" migrations --json | cat', process.execPath, main],
+      {
+        cwd: fileURLToPath(new URL("../../..", import.meta.url)),
+        env: { ...process.env, ...env },
+        stdio: ["ignore", "pipe", "pipe"],
+      },
+    );
+    const chunks: Buffer[] = [];
+    let err = "";
+    child.stdout.on("data", (d: Buffer) => chunks.push(d));
+    child.stderr.on("data", (d: Buffer) => (err += d.toString()));
+    const code = await new Promise<number | null>((r) => child.on("close", r));
+    const out = Buffer.concat(chunks).toString("utf8");
+    expect(code, err).toBe(0);
+    expect(out.length).toBeGreaterThan(65_536);
+    expect((JSON.parse(out) as unknown[]).length).toBeGreaterThanOrEqual(21);
   });
 
   it("a rolled-back migration exits 3 and says why", async () => {
