@@ -1,6 +1,6 @@
 // Ferry vs the COAT baseline, COAT's experiments on the real edge testbed (see bench/README.md).
 //
-//   npx tsx --conditions=source bench/run.ts [--runs 10] [--parallel-reps 2] [--only sockperf,iperf,parallel]
+//   npx tsx --conditions=source bench/run.ts [--runs 10] [--parallel-reps 4] [--only sockperf,iperf,parallel]
 //                                            [--out bench/results] [--no-shaping]
 //
 // World: deploy/testbed.ts `up()` — edge-a, edge-b, edge-c and client-host (namespaces, own OVS
@@ -50,7 +50,7 @@ const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
 const { values: flags } = parseArgs({
   options: {
     runs: { type: "string", default: "10" },
-    "parallel-reps": { type: "string", default: "2" },
+    "parallel-reps": { type: "string", default: "4" },
     only: { type: "string", default: "sockperf,iperf,parallel" },
     out: { type: "string", default: path.join(REPO, "bench/results") },
     "no-shaping": { type: "boolean", default: false },
@@ -445,6 +445,8 @@ async function main(): Promise<void> {
     wallMs: number;
     controllerSpanMs: number;
     each: number[];
+    /** Per migration: each step as [name, ms, agent work ms]. */
+    steps?: Array<Array<[string, number, number]>>;
     error?: string;
   }> = [];
   if (ONLY.has("parallel")) {
@@ -483,7 +485,10 @@ async function main(): Promise<void> {
               const starts = ms.map((m) => Date.parse(m.createdAt ?? ""));
               const ends = ms.map((m) => Date.parse(m.finishedAt ?? ""));
               const controllerSpanMs = Math.max(...ends) - Math.min(...starts);
-              parallel.push({ n, rep, via, wallMs, controllerSpanMs, each: ms.map((m) => m.totalMs ?? 0) });
+              const steps = ms.map((m) =>
+                (m.steps ?? []).map((s): [string, number, number] => [s.name, s.durationMs ?? 0, s.details?.work_ms ?? 0]),
+              );
+              parallel.push({ n, rep, via, wallMs, controllerSpanMs, each: ms.map((m) => m.totalMs ?? 0), steps });
               log(`parallel n=${n} rep=${rep} via=${via}`, {
                 wallMs: Math.round(wallMs),
                 controllerSpanMs,
