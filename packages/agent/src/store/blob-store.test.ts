@@ -97,6 +97,27 @@ describe("BlobStore tars", () => {
     expect(byte.toString()).toBe("x");
   });
 
+  it("unpacks an IMAGE blob as soon as it is stored, pushed or imported: not at its first use", async () => {
+    const store = new BlobStore({ root: path.join(work, "store-eager"), fsync: false });
+    const rootfs = path.join(work, "rootfs-eager");
+    await mkdir(path.join(rootfs, "bin"), { recursive: true });
+    await writeFile(path.join(rootfs, "bin/hello"), "hello\n");
+    const tar = path.join(work, "rootfs-eager.tar");
+    await exec("tar", ["-cf", tar, "-C", rootfs, "."]);
+    const unpacked = (d: string): string => path.join(store.root, "unpacked", d.slice(7));
+    const img = await store.importFile(tar, BlobKind.BLOB_KIND_IMAGE);
+    expect(await readFile(path.join(unpacked(img.digest), "bin/hello"), "utf8")).toBe("hello\n");
+    // Moved in (same filesystem) too; other kinds are never unpacked.
+    await writeFile(path.join(rootfs, "bin/other"), "other\n");
+    await exec("tar", ["-cf", tar, "-C", rootfs, "."]);
+    const moved = await store.importFile(tar, BlobKind.BLOB_KIND_IMAGE, { move: true });
+    expect(await readFile(path.join(unpacked(moved.digest), "bin/other"), "utf8")).toBe("other\n");
+    await exec("tar", ["-cf", tar, "-C", path.join(rootfs, "bin"), "."]);
+    const ckpt = await store.importFile(tar, BlobKind.BLOB_KIND_CHECKPOINT);
+    await expect(stat(unpacked(ckpt.digest))).rejects.toMatchObject({ code: "ENOENT" });
+    expect(await readdir(path.join(store.root, "partial"))).toEqual([]);
+  });
+
   it("unpacks an image once into a lower dir, atomically, and refuses other kinds", async () => {
     const store = new BlobStore({ root: path.join(work, "store2"), fsync: false });
     const rootfs = path.join(work, "rootfs");

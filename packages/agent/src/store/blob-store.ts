@@ -6,6 +6,7 @@ import { BlobKind, type BlobRef, type ImageInfo } from "@ferry/api/agent";
 import {
   ExecError,
   FerryError,
+  asFerryError,
   exec,
   isDigest,
   safeJoin,
@@ -381,7 +382,13 @@ export class BlobStore {
     }
   }
 
-  /** @internal the partial is complete and verified: make it the blob. */
+  /**
+   * @internal the partial is complete and verified: make it the blob. An IMAGE blob is also
+   * unpacked now, while it is being pushed or pulled (a migration pulls the image before the
+   * freeze): otherwise the first container made from it here, a migration's restore included,
+   * would unpack it inside the downtime. A failed unpack is only logged: the blob is stored, and
+   * the first use unpacks again and reports why.
+   */
   async publish(ref: BlobRef): Promise<BlobRef> {
     const partial = this.partialPath(ref.digest);
     await writeJsonAtomic(this.metaPath(ref.digest), { sizeBytes: ref.sizeBytes, kind: ref.kind });
@@ -389,6 +396,11 @@ export class BlobStore {
     await rename(partial, this.blobPath(ref.digest));
     await rm(`${partial}.json`, { force: true });
     this.log.info({ digest: ref.digest, bytes: ref.sizeBytes, kind: KIND_NAMES[ref.kind] }, "blob stored");
+    if (ref.kind === BlobKind.BLOB_KIND_IMAGE) {
+      await this.lowerDir(ref.digest).catch((e: unknown) => {
+        this.log.warn({ digest: ref.digest, err: asFerryError(e).message }, "image not unpacked ahead of use");
+      });
+    }
     return { ...ref };
   }
 
@@ -610,10 +622,9 @@ export class BlobStore {
     if (await exists(this.blobPath(digest))) return this.stat(digest);
     const ref: BlobRef = { digest, sizeBytes: size, kind };
     if (opts.move) {
-      await writeJsonAtomic(this.metaPath(digest), { sizeBytes: size, kind });
-      await rename(file, this.blobPath(digest));
-      await chmod(this.blobPath(digest), 0o444);
-      return ref;
+      // The file becomes the partial, already verified: published like any other blob.
+      await rename(file, this.partialPath(digest));
+      return this.publish(ref);
     }
     const w = await this.openWriter(ref, "resume", "file");
     try {
