@@ -1,29 +1,13 @@
 import { HostState, MigrationState } from "@ferry/api/controller";
-import { FerryError } from "@ferry/common";
 import { readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
 import { vxlanPortName } from "./hosts.js";
-import { fakeCluster, flowOut, type FakeCluster } from "./testkit.js";
+import { clusterPool, fakeCluster, flowOut, refusal } from "./testkit.js";
 
-async function refusal(p: Promise<unknown>): Promise<FerryError> {
-  const r = await p.then(
-    () => undefined,
-    (e: unknown) => e,
-  );
-  if (!(r instanceof FerryError)) throw new Error(`expected a FerryError, got ${String(r)}`);
-  return r;
-}
-
-const clusters: FakeCluster[] = [];
-async function cluster(...a: Parameters<typeof fakeCluster>): Promise<FakeCluster> {
-  const c = await fakeCluster(...a);
-  clusters.push(c);
-  return c;
-}
-afterEach(async () => {
-  for (const c of clusters.splice(0)) await c.close();
-});
+const pool = clusterPool();
+const cluster = pool.cluster;
+afterEach(() => pool.closeAll());
 
 const waitFor = async (pred: () => boolean, ms = 5_000): Promise<void> => {
   const t0 = Date.now();

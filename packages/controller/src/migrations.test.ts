@@ -1,10 +1,9 @@
 import { BlobKind, ContainerState } from "@ferry/api/agent";
 import { AdmissionStrategy, MigrationMode, MigrationState, StepState, type Migration } from "@ferry/api/controller";
-import { FerryError } from "@ferry/common";
 import { afterEach, describe, expect, it } from "vitest";
 import { FakeNetwork, type Failpoint } from "./fake-agent.js";
 import { controlOverheadMs } from "./migrations.js";
-import { fakeCluster, flowOut, isRunning, type FakeCluster } from "./testkit.js";
+import { clusterPool, fakeCluster, flowOut, isRunning, refusal, type FakeCluster } from "./testkit.js";
 
 const MiB = 1024 * 1024;
 const req = (container: string, destination: string, extra: Partial<{ strategy: AdmissionStrategy; mode: MigrationMode }> = {}) => ({
@@ -14,24 +13,9 @@ const req = (container: string, destination: string, extra: Partial<{ strategy: 
   mode: extra.mode ?? MigrationMode.MIGRATION_MODE_UNSPECIFIED,
 });
 
-async function refusal(p: Promise<unknown>): Promise<FerryError> {
-  const r = await p.then(
-    () => undefined,
-    (e: unknown) => e,
-  );
-  if (!(r instanceof FerryError)) throw new Error(`expected a FerryError, got ${String(r)}`);
-  return r;
-}
-
-const clusters: FakeCluster[] = [];
-async function cluster(...a: Parameters<typeof fakeCluster>): Promise<FakeCluster> {
-  const c = await fakeCluster(...a);
-  clusters.push(c);
-  return c;
-}
-afterEach(async () => {
-  for (const c of clusters.splice(0)) await c.close();
-});
+const pool = clusterPool();
+const cluster = pool.cluster;
+afterEach(() => pool.closeAll());
 
 /** The container runs exactly on `host`, nothing of it is left elsewhere, the flows point at it, no lock is held. */
 function expectOnlyOn(c: FakeCluster, name: string, ip: string, host: string): void {

@@ -3,19 +3,16 @@ import { MigrationState, Policy, Resource } from "@ferry/api/controller";
 import type { FerryError } from "@ferry/common";
 import { afterEach, describe, expect, it } from "vitest";
 import { PolicyStore } from "./policies.js";
-import { fakeCluster, type FakeCluster } from "./testkit.js";
+import { clusterPool, type FakeCluster } from "./testkit.js";
 
 const GiB = 1024 ** 3;
 const MiB = 1024 ** 2;
 
-const clusters: FakeCluster[] = [];
-afterEach(async () => {
-  for (const c of clusters.splice(0)) await c.close();
-});
+const pool = clusterPool();
+afterEach(() => pool.closeAll());
 
 async function setup(): Promise<FakeCluster> {
-  const c = await fakeCluster({ hosts: ["edge-a", "edge-b", "edge-c"] });
-  clusters.push(c);
+  const c = await pool.cluster({ hosts: ["edge-a", "edge-b", "edge-c"] });
   await c.run("web", "edge-a", 10);
   await c.run("db", "edge-a", 11);
   // edge-b is busier than edge-c: the least loaded admissible host is edge-c.

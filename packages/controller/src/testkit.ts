@@ -4,7 +4,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { ContainerState, type ContainerInfo } from "@ferry/api/agent";
 import { MigrationState, type Migration } from "@ferry/api/controller";
-import { silentLogger, type Logger } from "@ferry/common";
+import { FerryError, silentLogger, type Logger } from "@ferry/common";
 import { createController, type Controller, type ControllerConfig } from "./controller.js";
 import { FakeNetwork, type FakeAgent } from "./fake-agent.js";
 import { cookieForIp } from "./sdn/index.js";
@@ -114,4 +114,29 @@ export function flowOut(agent: FakeAgent, ip: string): number | undefined {
 
 export function isRunning(agent: FakeAgent, name: string): boolean {
   return agent.containers.get(name)?.state === ContainerState.CONTAINER_STATE_RUNNING;
+}
+
+/** The FerryError `p` rejects with; throws when it resolves or rejects with anything else. */
+export async function refusal(p: Promise<unknown>): Promise<FerryError> {
+  const r = await p.then(
+    () => undefined,
+    (e: unknown) => e,
+  );
+  if (!(r instanceof FerryError)) throw new Error(`expected a FerryError, got ${String(r)}`);
+  return r;
+}
+
+/** Fake clusters a test file makes, closed together: `afterEach(() => pool.closeAll())`. */
+export function clusterPool(): { cluster(o?: FakeClusterOptions): Promise<FakeCluster>; closeAll(): Promise<void> } {
+  const made: FakeCluster[] = [];
+  return {
+    async cluster(o) {
+      const c = await fakeCluster(o);
+      made.push(c);
+      return c;
+    },
+    async closeAll() {
+      for (const c of made.splice(0)) await c.close();
+    },
+  };
 }
