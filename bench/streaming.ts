@@ -63,7 +63,15 @@ async function startAgent(root: string, sec: Security, peerSec: Security): Promi
 // ---------------------------------------------------------------------------------------------
 // the source: an agent holding the blob, and a raw TCP sender
 
-async function source(work: string, certDir: string | undefined): Promise<void> {
+interface Source {
+  grpcPort: number;
+  tcpPort: number;
+  ref: BlobRef;
+  stop(): Promise<void>;
+}
+
+/** An agent holding a blob of `size` random bytes, and a raw TCP server sending as many. */
+async function startSource(work: string, certDir: string | undefined): Promise<Source> {
   const sec = security(certDir, "src");
   const { store, server } = await startAgent(path.join(work, "src"), sec, sec);
   const file = path.join(work, "src-blob");
@@ -71,7 +79,8 @@ async function source(work: string, certDir: string | undefined): Promise<void> 
   const piece = Buffer.allocUnsafe(MiB);
   for (let i = 0; i < size / MiB; i++) await fh.write(randomFillSync(piece));
   await fh.close();
-  const ref = await store.importFile(file, BlobKind.BLOB_KIND_IMAGE, { move: true });
+  // Random bytes, not an image (an image would be unpacked when stored).
+  const ref = await store.importFile(file, BlobKind.BLOB_KIND_CHECKPOINT, { move: true });
 
   // Raw TCP: each connection gets `size` bytes from one reused buffer, with backpressure.
   const tcp = createServer((sock: Socket) => {
@@ -83,11 +92,23 @@ async function source(work: string, certDir: string | undefined): Promise<void> 
   });
   tcp.listen(0, "127.0.0.1");
   await once(tcp, "listening");
-  process.stdout.write(JSON.stringify({ grpcPort: server.port, tcpPort: (tcp.address() as AddressInfo).port, ref }) + "\n");
+  return {
+    grpcPort: server.port,
+    tcpPort: (tcp.address() as AddressInfo).port,
+    ref,
+    stop: async () => {
+      tcp.close();
+      await server.close(500);
+    },
+  };
+}
+
+async function source(work: string, certDir: string | undefined): Promise<void> {
+  const { stop, ...ports } = await startSource(work, certDir);
+  process.stdout.write(JSON.stringify(ports) + "\n");
   process.stdin.resume();
   await once(process.stdin, "end");
-  tcp.close();
-  await server.close(500);
+  await stop();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -132,27 +153,9 @@ async function main(): Promise<void> {
     let src: { grpcPort: number; tcpPort: number; ref: BlobRef };
     let stopSource: () => Promise<void>;
     if (flag("--same-process")) {
-      const s = await startAgent(path.join(work, "src"), security(certDir, "src"), security(certDir, "src"));
-      const file = path.join(work, "src-blob");
-      const fh = await open(file, "w");
-      const piece = Buffer.allocUnsafe(MiB);
-      for (let i = 0; i < size / MiB; i++) await fh.write(randomFillSync(piece));
-      await fh.close();
-      const ref = await s.store.importFile(file, BlobKind.BLOB_KIND_IMAGE, { move: true });
-      const tcp = createServer((sock: Socket) => {
-        void (async () => {
-          const buf = Buffer.alloc(MiB, 7);
-          for (let sent = 0; sent < size; sent += MiB) if (!sock.write(buf)) await once(sock, "drain");
-          sock.end();
-        })();
-      });
-      tcp.listen(0, "127.0.0.1");
-      await once(tcp, "listening");
-      src = { grpcPort: s.server.port, tcpPort: (tcp.address() as AddressInfo).port, ref };
-      stopSource = async () => {
-        tcp.close();
-        await s.server.close(500);
-      };
+      const started = await startSource(work, certDir);
+      src = started;
+      stopSource = started.stop;
     } else {
       child = spawn(
         process.execPath,
