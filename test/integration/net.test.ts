@@ -256,6 +256,14 @@ describe.skipIf(!isRoot)("network layer (emulated hosts, OVS userspace, VXLAN)",
       { table: 3, priority: 50, cookie: 0x11, match: "ip,nw_dst=10.1.0.3", actions: "output:900" },
     ]);
     expect(flows.filter((x) => x.cookie === 0x22)).toHaveLength(1);
+    // a port named, not numbered: ovs-ofctl needs the port table (the slower way) and gets it
+    await ovsA.setFlows("br-scratch", [{ ...f(0x33, "10.3.0.1", 0), match: "in_port=vx-s,ip", actions: "output:vx-s" }]);
+    expect((await ovsA.listFlows("br-scratch")).filter((x) => x.cookie === 0x33)).toEqual([
+      { table: 0, priority: 50, cookie: 0x33, match: "ip,in_port=900", actions: "output:900" },
+    ]);
+    await expect(ovsA.setFlows("br-scratch", [{ ...f(0x33, "10.3.0.1", 0), actions: "output:no-such-port" }])).rejects.toThrow(
+      /unknown port/,
+    );
     await ovsA.deleteFlows("br-scratch", 0x22);
     await ovsA.deleteFlows("br-scratch", 0x22);
     expect((await ovsA.listFlows("br-scratch")).filter((x) => x.cookie === 0x22)).toHaveLength(0);
