@@ -126,6 +126,20 @@ describe.skipIf(!ROOT)("container runtime (runc + CRIU)", () => {
     }
   }
 
+  /** Runc.state reads runc's state file itself: it must say what `runc state` says, here `status`. */
+  async function expectRuncState(status: string | undefined): Promise<void> {
+    const cli = await exec("runc", ["--root", runc.root, "state", name], { okCodes: [0, 1] });
+    const read = await runc.state(name);
+    expect(read?.status).toBe(status);
+    if (status === undefined) {
+      expect(cli.stderr).toMatch(/does not exist/);
+      return;
+    }
+    const r = JSON.parse(cli.stdout) as { id: string; pid: number; status: string; bundle: string; created: string };
+    expect(read).toEqual({ id: r.id, pid: r.pid, status: r.status, bundle: r.bundle, created: r.created });
+    expect((await runc.list()).find((s) => s.id === name)).toEqual(read);
+  }
+
   beforeAll(async () => {
     W = await mkdtemp("/tmp/ferry-rt-");
     // the image: deterministic tar, built twice must give the same digest
@@ -195,10 +209,12 @@ describe.skipIf(!ROOT)("container runtime (runc + CRIU)", () => {
   it("creates, starts, lists and inspects a container; its stdout reaches the log", async () => {
     const created = await runtime.create(spec(), { lowerDir, netnsPath, imageDigest });
     expect(created.state).toBe(ContainerState.CONTAINER_STATE_CREATED);
+    await expectRuncState("created");
     await expect(runtime.create(spec(), { lowerDir, netnsPath })).rejects.toMatchObject({ code: "AlreadyExists" });
     const started = await runtime.start(name);
     expect(started.state).toBe(ContainerState.CONTAINER_STATE_RUNNING);
     expect(started.pid).toBeGreaterThan(0);
+    await expectRuncState("running");
     await waitForLog(/ferry-echo listening on 7000/);
     const list = await runtime.list();
     expect(list.map((c) => c.spec?.name)).toContain(name);
@@ -339,12 +355,17 @@ describe.skipIf(!ROOT)("container runtime (runc + CRIU)", () => {
   });
 
   it("stops, restarts, refuses to delete a running container without force, deletes", async () => {
+    await exec("runc", ["--root", runc.root, "pause", name]);
+    await expectRuncState("paused");
+    await exec("runc", ["--root", runc.root, "resume", name]);
+    await expectRuncState("running");
     await expect(runtime.delete(name)).rejects.toMatchObject({ code: "FailedPrecondition" });
     const before = (await runtime.logs(name)).nextOffset;
     expect(before).toBeGreaterThan(0);
     const stopped = await runtime.stop(name, 2000);
     expect(stopped.state).toBe(ContainerState.CONTAINER_STATE_STOPPED);
     expect(stopped.exitCode).toBe(143);
+    await expectRuncState("stopped");
     expect((await runtime.stop(name)).state).toBe(ContainerState.CONTAINER_STATE_STOPPED); // idempotent
     const restarted = await runtime.start(name);
     expect(restarted.state).toBe(ContainerState.CONTAINER_STATE_RUNNING);
@@ -353,6 +374,6 @@ describe.skipIf(!ROOT)("container runtime (runc + CRIU)", () => {
     await runtime.delete(name, { force: true });
     expect((await runtime.list()).map((c) => c.spec?.name)).not.toContain(name);
     await expect(runtime.delete(name)).rejects.toMatchObject({ code: "NotFound" });
-    expect((await runc.list()).map((s) => s.id)).not.toContain(name);
+    await expectRuncState(undefined);
   });
 });

@@ -1,10 +1,14 @@
 import { readFileSync } from "node:fs";
+import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import path from "node:path";
 import { describe, expect, it } from "vitest";
 import { ContainerState } from "@ferry/api/agent";
 import { encodeCriuStats, IMG_SERVICE_MAGIC, parseCriuStats, STATS_MAGIC } from "./criu-stats.js";
 import { KeyedMutex } from "./keyed-mutex.js";
 import { buildOciConfig, parseSsEstablished } from "./oci.js";
 import { validateCheckpointId } from "./container-runtime.js";
+import { readRuncState } from "./runc.js";
 
 const spec = {
   name: "web",
@@ -124,5 +128,44 @@ describe("checkpoint ids and keyed locks", () => {
     await Promise.all([a2, b]);
     expect(order.indexOf("a-")).toBeLessThan(order.lastIndexOf("a+"));
     expect(order.indexOf("b-")).toBeLessThan(order.indexOf("a-"));
+  });
+});
+
+describe("runc's state file", () => {
+  // this test process stands in for a container's init: its pid and start time are real
+  const stat = readFileSync("/proc/self/stat", "utf8");
+  const startTime = Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[19]);
+  const file = (over: object = {}): object => ({
+    id: "web",
+    init_process_pid: process.pid,
+    init_process_start: startTime,
+    created: "2026-11-23T07:21:33.93213196Z",
+    config: { labels: ["bundle=/b/web"] },
+    cgroup_paths: {},
+    ...over,
+  });
+
+  it("reads running, created, stopped (a pid reused by another process) as runc does; unknown shapes go to runc", async () => {
+    const root = await mkdtemp(path.join(tmpdir(), "ferry-runc-"));
+    try {
+      await mkdir(path.join(root, "web"));
+      const put = (f: object): Promise<void> => writeFile(path.join(root, "web", "state.json"), JSON.stringify(f));
+      const base = { id: "web", bundle: "/b/web", created: "2026-11-23T07:21:33.93213196Z" };
+      await put(file());
+      expect(await readRuncState(root, "web")).toEqual({ ...base, pid: process.pid, status: "running" });
+      await writeFile(path.join(root, "web", "exec.fifo"), "");
+      expect(await readRuncState(root, "web")).toMatchObject({ status: "created" });
+      await put(file({ init_process_start: startTime + 1 }));
+      expect(await readRuncState(root, "web")).toEqual({ ...base, pid: 0, status: "stopped" });
+      await put(file({ init_process_pid: 0x3ffffff }));
+      expect(await readRuncState(root, "web")).toMatchObject({ pid: 0, status: "stopped" });
+      expect(await readRuncState(root, "nope")).toBeUndefined();
+      await put(file({ config: {} }));
+      expect(await readRuncState(root, "web")).toBe("unknown");
+      await writeFile(path.join(root, "web", "state.json"), "{");
+      expect(await readRuncState(root, "web")).toBe("unknown");
+    } finally {
+      await rm(root, { recursive: true, force: true });
+    }
   });
 });
