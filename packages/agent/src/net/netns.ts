@@ -190,7 +190,8 @@ export class NetNs implements NetNsApi {
     try {
       // The lock goes in before any link exists: a client retransmission that reached an
       // unlocked namespace would meet no socket and get a RST (seen: one run in three).
-      if (lock) await this.lock(container);
+      // A namespace this new has no rules to look at first.
+      if (lock) await this.restore(container, CRIU_LOCK_RULES);
       const got = this.link === "tap" ? await this.attachTap(name, port, ofport) : await this.attachVeth(name, port, ofport);
       const cmds = [
         ...(this.link === "tap" ? [`link set ${port} name eth0`] : []),
