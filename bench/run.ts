@@ -1,6 +1,6 @@
 // Ferry vs the COAT baseline, COAT's experiments on the real edge testbed (see bench/README.md).
 //
-//   npx tsx --conditions=source bench/run.ts [--runs 10] [--parallel-reps 4] [--only sockperf,iperf,parallel]
+//   npx tsx --conditions=source bench/run.ts [--runs 10] [--parallel-reps 6] [--only sockperf,iperf,parallel]
 //                                            [--out bench/results] [--no-shaping]
 //
 // World: deploy/testbed.ts `up()` — edge-a, edge-b, edge-c and client-host (namespaces, own OVS
@@ -29,7 +29,7 @@ import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 import { Migration as MigrationMsg } from "@ferry/api/controller";
 import { exec } from "@ferry/common";
-import type { EmulatedHost, Testbed } from "@ferry/testbed";
+import type { EmulatedHost } from "@ferry/testbed";
 import { CLIENT_NETNS, TestbedBusyError, controllerClient, down, up } from "../deploy/testbed.js";
 import { writeCharts } from "./charts.js";
 import { ROOT, Shaper, type LinkShape } from "./shaping.js";
@@ -50,7 +50,7 @@ const REPO = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
 const { values: flags } = parseArgs({
   options: {
     runs: { type: "string", default: "10" },
-    "parallel-reps": { type: "string", default: "4" },
+    "parallel-reps": { type: "string", default: "6" },
     only: { type: "string", default: "sockperf,iperf,parallel" },
     out: { type: "string", default: path.join(REPO, "bench/results") },
     "no-shaping": { type: "boolean", default: false },
@@ -151,10 +151,17 @@ function cleanupAll(): Promise<void> {
   })();
   return cleaning;
 }
+/** Aborted on a signal; the testbed's up() stops at its next step and is awaited before cleaning up. */
+const stopping = new AbortController();
+let bringingUp: Promise<unknown> | undefined;
 for (const sig of ["SIGINT", "SIGTERM"] as const) {
   process.once(sig, () => {
     log(`${sig}: cleaning up`);
-    void cleanupAll().finally(() => process.exit(130));
+    stopping.abort();
+    void (bringingUp ?? Promise.resolve())
+      .catch(() => undefined)
+      .then(cleanupAll)
+      .finally(() => process.exit(130));
   });
 }
 
@@ -216,24 +223,26 @@ async function main(): Promise<void> {
   // The real testbed; sshd and the delay wires' binary are ready before the agents start.
   let fleet: SshFleet | undefined;
   let shaper: Shaper | undefined;
-  let tb: Testbed;
-  try {
-    tb = await up({
-      hold: true,
-      beforeAgents: async (t) => {
-        fleet = await SshFleet.create(work);
-        cleanups.push({ what: "sshd", f: () => fleet!.stop() });
-        for (const n of ["edge-a", "edge-b"]) await fleet.start(t.host(n));
-        shaper = await Shaper.create(t, REPO, work);
-        cleanups.push({ what: "shaping", f: () => shaper!.clear() });
-      },
-    });
-  } catch (e) {
-    // Unless another testbed was up (not ours), whatever up() made is torn down, last.
-    if (!(e instanceof TestbedBusyError)) cleanups.unshift({ what: "testbed", f: () => down() });
+  // Whatever up() makes is torn down, last, even if it stops half-way (a signal); unless
+  // another testbed was up, which is not ours.
+  let ours = true;
+  cleanups.unshift({ what: "testbed", f: () => (ours ? down() : Promise.resolve()) });
+  const upping = up({
+    hold: true,
+    signal: stopping.signal,
+    beforeAgents: async (t) => {
+      fleet = await SshFleet.create(work);
+      cleanups.push({ what: "sshd", f: () => fleet!.stop() });
+      for (const n of ["edge-a", "edge-b"]) await fleet.start(t.host(n));
+      shaper = await Shaper.create(t, REPO, work);
+      cleanups.push({ what: "shaping", f: () => shaper!.clear() });
+    },
+  });
+  bringingUp = upping;
+  const tb = await upping.catch((e: unknown) => {
+    if (e instanceof TestbedBusyError) ours = false;
     throw e;
-  }
-  cleanups.unshift({ what: "testbed", f: () => down() });
+  });
   if (!fleet || !shaper) throw new Error("testbed: the beforeAgents hook did not run");
   const sshFleet = fleet;
   const linkShaper = shaper;

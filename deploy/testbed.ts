@@ -9,7 +9,7 @@
 //   container on the client host, so that the controller programs      controller
 //   every switch, the client's too, when a service moves.
 import { existsSync } from "node:fs";
-import { mkdir, readFile, rm, writeFile } from "node:fs/promises";
+import { mkdir, readdir, readFile, rm, rmdir, writeFile } from "node:fs/promises";
 import path from "node:path";
 import { parseArgs } from "node:util";
 import * as agentApi from "@ferry/api/agent";
@@ -17,7 +17,7 @@ import * as controllerApi from "@ferry/api/controller";
 import { ControllerServiceService } from "@ferry/api/controller";
 import { agentServiceDefinition } from "@ferry/agent";
 import { connect, exec, loadTls, tlsFilesIn, type Security } from "@ferry/common";
-import { REPO_ROOT, Testbed, pushImage, spawnAgent, spawnDetached, stopPid } from "@ferry/testbed";
+import { REPO_ROOT, Testbed, pushImage, spawnAgent, spawnDetached, stopPid, type DetachedOptions } from "@ferry/testbed";
 
 export const PREFIX = "ferry-";
 export const EDGES = ["edge-a", "edge-b", "edge-c"];
@@ -52,6 +52,8 @@ export interface UpOptions {
   hold?: boolean;
   /** Called once the hosts and the underlay exist, before any agent starts (e.g. sshd, link shaping). */
   beforeAgents?: (tb: Testbed) => Promise<void>;
+  /** Stop half-way (e.g. on SIGINT): up() rejects, and what it made is recorded for `down()`. */
+  signal?: AbortSignal;
 }
 
 const say = (s: string): void => void process.stdout.write(`testbed: ${s}\n`);
@@ -90,21 +92,30 @@ export async function up(opts: UpOptions = {}): Promise<Testbed> {
   for (const h of HOSTS) await tb.createHost({ name: h });
   await tb.attachRoot();
   say(`hosts up: ${HOSTS.map((h) => PREFIX + h).join(", ")}`);
+  opts.signal?.throwIfAborted();
   if (opts.beforeAgents) await opts.beforeAgents(tb);
 
+  // Each process is recorded as soon as it exists, not once ready: a `down()` meanwhile stops it too.
+  const recorded = (key: string): DetachedOptions => ({
+    ...(opts.signal ? { signal: opts.signal } : {}),
+    onSpawn: async (pid: number): Promise<void> => {
+      st.pids[key] = pid;
+      await saveState(st);
+    },
+  });
   for (const h of HOSTS) {
-    const a = await spawnAgent({
+    opts.signal?.throwIfAborted();
+    await spawnAgent({
       host: tb.host(h),
       certsDir: CERTS,
       stateDir: path.join(DIR, h),
       detachedLog: path.join(DIR, `${h}.log`),
+      detached: recorded(`agent-${h}`),
       // The client host's one container is the client workload: /run/netns/ferry-client.
       ...(h === CLIENT_HOST ? { netnsPrefix: PREFIX } : {}),
     });
-    st.pids[`agent-${h}`] = a.child.pid!;
-    await saveState(st);
   }
-  const ctl = await spawnDetached(
+  await spawnDetached(
     "controller",
     [
       process.execPath,
@@ -118,9 +129,9 @@ export async function up(opts: UpOptions = {}): Promise<Testbed> {
     ],
     path.join(DIR, "controller.log"),
     `127.0.0.1:${CONTROLLER_PORT}`,
+    undefined,
+    recorded("controller"),
   );
-  st.pids.controller = ctl.child.pid!;
-  await saveState(st);
   say(`agents and controller up (mTLS, certificates in ${path.relative(REPO_ROOT, CERTS)})`);
 
   const admin = controllerClient();
@@ -227,6 +238,7 @@ export async function down(): Promise<void> {
     if (cmd.includes(REPO_ROOT)) await stopPid(pid);
     else if (cmd) say(`pid ${pid} (${what}) is no longer ours; left alone`);
   }
+  await sweepContainers();
   await Testbed.destroyExisting({ prefix: st.prefix, underlayNet: UNDERLAY }, st.hosts, st.workloads);
   await rm(DIR, { recursive: true, force: true });
   await rm(path.join(REPO_ROOT, ".ferry/testbed.env"), { force: true });
@@ -239,6 +251,31 @@ export async function down(): Promise<void> {
     .filter(ours);
   if (left.length) throw new Error(`namespaces left behind: ${left.join(", ")}`);
   say("down: no namespace, OVS daemon, agent or controller left");
+}
+
+/**
+ * What the agents could not delete, found without them: a container whose create was in flight
+ * when its agent stopped (a signal mid-run) has no runc state yet, only processes, its overlay and
+ * its cgroups. Its processes are known by their root filesystem, an overlay with its upper dir
+ * under this testbed's directory; nothing else is touched.
+ */
+async function sweepContainers(): Promise<void> {
+  const ourRoot = (mountinfo: string): boolean =>
+    mountinfo.split("\n").some((l) => l.split(" ")[4] === "/" && l.includes(` - overlay `) && l.includes(`upperdir=${DIR}/`));
+  const pids = (await readdir("/proc")).filter((p) => /^\d+$/.test(p) && Number(p) !== process.pid);
+  const ours: number[] = [];
+  for (const p of pids) if (ourRoot(await readFile(`/proc/${p}/mountinfo`, "utf8").catch(() => ""))) ours.push(Number(p));
+  for (const p of ours) await stopPid(p, 0).catch(() => undefined);
+  if (ours.length) say(`stopped ${ours.length} container process(es) no agent could delete`);
+  const mounts = (await readFile("/proc/self/mountinfo", "utf8")).split("\n").map((l) => l.split(" ")[4] ?? "");
+  for (const m of mounts.filter((m) => m.startsWith(`${DIR}/`)).reverse()) await exec("umount", ["-l", m], { okCodes: [0, 1, 32] });
+  // Their cgroups, "/ferry-<host>-<container>" (the agents' cgroupsPath), for this testbed's containers only.
+  for (const h of HOSTS) {
+    const names = await readdir(path.join(DIR, h, "containers")).catch(() => [] as string[]);
+    for (const ctrl of await readdir("/sys/fs/cgroup").catch(() => [] as string[])) {
+      for (const n of names) await rmdir(path.join("/sys/fs/cgroup", ctrl, `ferry-${h}-${n}`)).catch(() => undefined);
+    }
+  }
 }
 
 function alive(pid: number): boolean {

@@ -35,6 +35,25 @@ async function testbedProcesses(): Promise<string[]> {
   return out;
 }
 
+/** Processes whose root filesystem is a container's overlay in the testbed's directory. */
+async function testbedContainers(): Promise<string[]> {
+  const out: string[] = [];
+  for (const pid of await readdir("/proc")) {
+    if (!/^\d+$/.test(pid)) continue;
+    const stat = await readFile(`/proc/${pid}/stat`, "utf8").catch(() => "");
+    if (/^\S+ \(.*\) Z/.test(stat)) continue; // exited; PID 1 here never reaps
+    const mi = await readFile(`/proc/${pid}/mountinfo`, "utf8").catch(() => "");
+    if (mi.split("\n").some((l) => l.split(" ")[4] === "/" && l.includes(`upperdir=${path.join(REPO, ".ferry/testbed")}/`))) out.push(pid);
+  }
+  return out;
+}
+
+const testbedCli = (cmd: "up" | "down"): Promise<{ stdout: string }> =>
+  exec(process.execPath, ["--conditions=source", "--import", "tsx", path.join(REPO, "deploy/testbed.ts"), cmd], {
+    cwd: REPO,
+    timeoutMs: 180_000,
+  });
+
 describe("make demo (testbed-up, a migration with a client, testbed-down)", () => {
   it("migrates with the client connected and leaves nothing behind", async () => {
     const child = spawn(process.execPath, ["--conditions=source", "--import", "tsx", path.join(REPO, "deploy/demo.ts")], {
@@ -68,4 +87,32 @@ describe("make demo (testbed-up, a migration with a client, testbed-down)", () =
     expect(existsSync(path.join(REPO, ".ferry/testbed"))).toBe(false);
     expect(existsSync(path.join(REPO, ".ferry/testbed.env"))).toBe(false);
   }, 400_000);
+
+  it("testbed-down stops a container whose agent died, and leaves nothing behind", async () => {
+    await testbedCli("up");
+    try {
+      const env = { ...process.env, FERRY_CONTROLLER: "127.0.0.1:7440", FERRY_TLS_DIR: path.join(REPO, ".ferry/certs") };
+      const ferry = path.join(REPO, "bin/ferry");
+      await exec(
+        ferry,
+        ["run", "orphan", "--host", "edge-a", "--image", "testkit", "--ip", "10.77.0.20/24", "--", "/bin/busybox", "sleep", "600"],
+        {
+          env,
+        },
+      );
+      expect((await testbedContainers()).length).toBeGreaterThan(0);
+      // The agent dies; its container keeps running, and no agent can delete it any more.
+      const st = JSON.parse(await readFile(path.join(REPO, ".ferry/testbed/state.json"), "utf8")) as { pids: Record<string, number> };
+      const tini = st.pids["agent-edge-a"]!;
+      const agent = Number((await readFile(`/proc/${tini}/task/${tini}/children`, "utf8")).trim().split(" ")[0]);
+      process.kill(agent, "SIGKILL"); // tini, its parent, exits with it
+    } finally {
+      const { stdout } = await testbedCli("down");
+      expect(stdout).toContain("stopped 1 container process(es) no agent could delete");
+    }
+    expect(await testbedContainers()).toEqual([]);
+    expect(await testbedProcesses()).toEqual([]);
+    expect((await readFile("/proc/mounts", "utf8")).split("\n").filter((l) => l.includes(".ferry/testbed"))).toEqual([]);
+    expect(existsSync(path.join(REPO, ".ferry/testbed"))).toBe(false);
+  }, 300_000);
 });

@@ -27,6 +27,15 @@ export interface AgentProcessOptions {
   detachedLog?: string;
   /** Called with every line the agent writes to stderr (its JSON log). */
   onLog?: (line: string) => void;
+  /** With `detachedLog`: see {@link DetachedOptions}. */
+  detached?: DetachedOptions;
+}
+
+export interface DetachedOptions {
+  /** Called with the pid as soon as the process exists, before it is ready: record it for `down`. */
+  onSpawn?: (pid: number) => Promise<void>;
+  /** Stop waiting for "ready" (the process is left to whoever recorded its pid). */
+  signal?: AbortSignal;
 }
 
 export interface AgentProcess {
@@ -70,7 +79,9 @@ export async function spawnAgent(o: AgentProcessOptions): Promise<AgentProcess> 
     o.host.bridge,
     ...(o.extraArgs ?? []),
   ];
-  if (o.detachedLog) return spawnDetached(o.host.name, ["nsenter", ...args], o.detachedLog, `${o.host.underlayIp}:${port}`, o.env);
+  if (o.detachedLog) {
+    return spawnDetached(o.host.name, ["nsenter", ...args], o.detachedLog, `${o.host.underlayIp}:${port}`, o.env, o.detached);
+  }
   const child = spawn("nsenter", args, { cwd: REPO_ROOT, stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, ...o.env } });
   let stderr = "";
   child.stderr.setEncoding("utf8").on("data", (d: string) => {
@@ -120,6 +131,7 @@ export async function spawnDetached(
   logFile: string,
   address: string,
   env?: NodeJS.ProcessEnv,
+  opts: DetachedOptions = {},
 ): Promise<AgentProcess> {
   const fd = openSync(logFile, "a");
   const child = spawn(argv[0]!, argv.slice(1), {
@@ -130,8 +142,10 @@ export async function spawnDetached(
   });
   closeSync(fd);
   child.unref();
+  if (child.pid !== undefined) await opts.onSpawn?.(child.pid);
   const deadline = Date.now() + 30_000;
   for (;;) {
+    opts.signal?.throwIfAborted();
     const text = readFileSync(logFile, "utf8");
     if (/ready port=\d+/.test(text)) break;
     if (child.exitCode !== null || Date.now() > deadline) {
