@@ -345,12 +345,23 @@ describe.skipIf(!ROOT)("container runtime (runc + CRIU)", () => {
     expect(code).toBe(0);
   });
 
+  it("a checkpoint that leaves the container running leaves it running, not frozen", async () => {
+    const cp = await runtime.checkpoint(name, { tcpEstablished: true, leaveRunning: true });
+    expect((await runtime.inspect(name)).state).toBe(ContainerState.CONTAINER_STATE_RUNNING);
+    await expectRuncState("running");
+    await runtime.deleteCheckpoint(cp.checkpointId);
+  });
+
   it("rediscovers its containers after the runtime is re-instantiated", async () => {
+    // as an agent that stopped between freezing a container for a checkpoint and the dump leaves it
+    await exec("runc", ["--root", runc.root, "pause", name]);
+    await expectRuncState("paused");
     const again = new ContainerRuntime({ stateDir: path.join(W, "state"), runc, criu, agentId: `t${sfx}` });
     const { containers, orphans } = await again.rediscover();
     expect(orphans).toEqual([]);
     const mine = containers.find((c) => c.spec?.name === name);
     expect(mine?.state).toBe(ContainerState.CONTAINER_STATE_RUNNING);
+    await expectRuncState("running");
     expect(mine?.checkpointId).not.toBe("");
   });
 

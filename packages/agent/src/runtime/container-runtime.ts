@@ -369,6 +369,13 @@ export class ContainerRuntime {
    * Returns the containers and the runc containers under this root that have no record.
    */
   async rediscover(): Promise<{ containers: ContainerInfo[]; orphans: string[] }> {
+    // Ferry pauses a container only for a checkpoint (see freeze): one still paused is what an
+    // agent that stopped between its freeze and the dump left behind. It runs again.
+    for (const c of await this.list()) {
+      if (c.state !== ContainerState.CONTAINER_STATE_PAUSED || !c.spec) continue;
+      await this.thaw(c.spec.name);
+      this.log.warn({ container: c.spec.name }, "container was left frozen by an interrupted checkpoint; thawed");
+    }
     const containers = await this.list();
     const known = new Set(containers.map((c) => c.spec?.name));
     const orphans = (await this.runc.list()).map((s) => s.id).filter((id) => !known.has(id));
@@ -468,6 +475,7 @@ export class ContainerRuntime {
 
       // before the freeze: once dumped, the sockets are gone from ss
       const connections = opts.tcpEstablished ? await this.establishedConnections(rec.netnsPath) : [];
+      const thaw = await this.freeze(name);
       try {
         await this.runc.checkpoint(name, {
           imagePath: imagesDir,
@@ -476,7 +484,9 @@ export class ContainerRuntime {
           leaveRunning: opts.leaveRunning ?? false,
           ...(opts.pageServer ? { pageServer: `${opts.pageServer.address}:${opts.pageServer.port}` } : {}),
         });
+        if (opts.leaveRunning) await thaw();
       } catch (e) {
+        await thaw();
         const failedDir = path.join(this.stateDir, "failed", `${id}-${Date.now()}`);
         await mkdir(path.dirname(failedDir), { recursive: true });
         await rename(workDir, failedDir).catch(() => undefined);
@@ -606,6 +616,38 @@ export class ContainerRuntime {
       this.log.info({ container: name, pid, totalMs: stats.totalMs }, "container restored");
       return { pid, stats, container: this.info(rec, after), criuLog: path.join(workDir, "restore.log") };
     });
+  }
+
+  /**
+   * Freeze the container's cgroup and wait until it is frozen, polling every millisecond. CRIU
+   * freezes it itself, but reads the state back once and, still FREEZING, sleeps 100 ms before
+   * the next read; a cgroup found FROZEN is dumped at once. Returns the thaw (for a failure, or a
+   * checkpoint that leaves the container running: CRIU leaves the cgroup as it found it).
+   * Without a v1 freezer (or if it does not settle in 1 s) CRIU is left to freeze as before.
+   */
+  private async freeze(name: string): Promise<() => Promise<void>> {
+    const state = this.freezerState(name);
+    const thaw = (): Promise<void> => this.thaw(name);
+    try {
+      await writeFile(state, "FROZEN");
+    } catch {
+      return async () => undefined;
+    }
+    const end = performance.now() + 1000;
+    while (performance.now() < end) {
+      if ((await readFile(state, "utf8")).trim() === "FROZEN") return thaw;
+      await new Promise((r) => setTimeout(r, 1));
+    }
+    await thaw();
+    return async () => undefined;
+  }
+
+  private freezerState(name: string): string {
+    return path.join("/sys/fs/cgroup/freezer", this.cgroupsPath(name), "freezer.state");
+  }
+
+  private async thaw(name: string): Promise<void> {
+    await writeFile(this.freezerState(name), "THAWED").catch(() => undefined);
   }
 
   /** Remove a checkpoint held here. */
