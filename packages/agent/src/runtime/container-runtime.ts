@@ -628,10 +628,11 @@ export class ContainerRuntime {
   private async freeze(name: string): Promise<() => Promise<void>> {
     const state = this.freezerState(name);
     const thaw = (): Promise<void> => this.thaw(name);
+    const nothing = (): Promise<void> => Promise.resolve();
     try {
       await writeFile(state, "FROZEN");
     } catch {
-      return async () => undefined;
+      return nothing;
     }
     const end = performance.now() + 1000;
     while (performance.now() < end) {
@@ -639,7 +640,7 @@ export class ContainerRuntime {
       await new Promise((r) => setTimeout(r, 1));
     }
     await thaw();
-    return async () => undefined;
+    return nothing;
   }
 
   private freezerState(name: string): string {
