@@ -16,7 +16,7 @@ import * as agentApi from "@ferry/api/agent";
 import * as controllerApi from "@ferry/api/controller";
 import { ControllerServiceService } from "@ferry/api/controller";
 import { agentServiceDefinition } from "@ferry/agent";
-import { connect, exec, loadTls, tlsFilesIn, type Security } from "@ferry/common";
+import { connect, exec, isRunning, loadTls, tlsFilesIn, type Security } from "@ferry/common";
 import { REPO_ROOT, Testbed, pushImage, spawnAgent, spawnDetached, stopPid, type DetachedOptions } from "@ferry/testbed";
 
 export const PREFIX = "ferry-";
@@ -211,7 +211,7 @@ export async function down(): Promise<void> {
   const st: State = existsSync(STATE)
     ? (JSON.parse(await readFile(STATE, "utf8")) as State)
     : { prefix: PREFIX, hosts: HOSTS, workloads: [CLIENT_NETNS], pids: {} };
-  if (st.holder && st.holder !== process.pid && alive(st.holder)) {
+  if (st.holder && st.holder !== process.pid && isRunning(st.holder)) {
     throw new Error(`the testbed is held by process ${st.holder} (a benchmark?); it tears it down when it ends`);
   }
   // Containers first, through their agents: runc containers outlive the agent that made them.
@@ -275,15 +275,6 @@ async function sweepContainers(): Promise<void> {
     for (const ctrl of await readdir("/sys/fs/cgroup").catch(() => [] as string[])) {
       for (const n of names) await rmdir(path.join("/sys/fs/cgroup", ctrl, `ferry-${h}-${n}`)).catch(() => undefined);
     }
-  }
-}
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
   }
 }
 

@@ -9,7 +9,7 @@ import { existsSync } from "node:fs";
 import { readFile, readdir } from "node:fs/promises";
 import path from "node:path";
 import { describe, expect, it } from "vitest";
-import { exec } from "@ferry/common";
+import { exec, isRunning } from "@ferry/common";
 import { REPO } from "../helpers/certs.js";
 
 interface DemoResult {
@@ -40,8 +40,7 @@ async function testbedContainers(): Promise<string[]> {
   const out: string[] = [];
   for (const pid of await readdir("/proc")) {
     if (!/^\d+$/.test(pid)) continue;
-    const stat = await readFile(`/proc/${pid}/stat`, "utf8").catch(() => "");
-    if (/^\S+ \(.*\) Z/.test(stat)) continue; // exited; PID 1 here never reaps
+    if (!isRunning(Number(pid))) continue;
     const mi = await readFile(`/proc/${pid}/mountinfo`, "utf8").catch(() => "");
     if (mi.split("\n").some((l) => l.split(" ")[4] === "/" && l.includes(`upperdir=${path.join(REPO, ".ferry/testbed")}/`))) out.push(pid);
   }

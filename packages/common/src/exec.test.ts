@@ -1,7 +1,7 @@
 import { spawn } from "node:child_process";
 import { fileURLToPath } from "node:url";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { ExecError, exec, useLauncher } from "./exec.js";
+import { ExecError, exec, isRunning, processStat, useLauncher } from "./exec.js";
 
 // The same behaviour whether this process spawns or the launcher's helper does.
 describe.each([
@@ -129,16 +129,27 @@ describe("the launcher", () => {
     const helper = Number(/helper (\d+)/.exec(out)?.[1]);
     expect(helper).toBeGreaterThan(0);
     // The helper exits once its parent is gone (its IPC channel closes).
-    for (let i = 0; i < 100 && isAlive(helper); i++) await new Promise((r) => setTimeout(r, 20));
-    expect(isAlive(helper)).toBe(false);
+    for (let i = 0; i < 100 && isRunning(helper); i++) await new Promise((r) => setTimeout(r, 20));
+    expect(isRunning(helper)).toBe(false);
   });
 });
 
-function isAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}
+describe("processStat and isRunning", () => {
+  it("read a live process, tell a reused pid by its start time, and count an exited one as gone", async () => {
+    const me = processStat(process.pid)!;
+    expect(me.state).toMatch(/^[RS]$/);
+    expect(isRunning(process.pid)).toBe(true);
+    expect(isRunning(process.pid, me.startTime)).toBe(true);
+    expect(isRunning(process.pid, me.startTime + 1)).toBe(false);
+    expect(processStat(0x3ffffff)).toBeUndefined();
+    expect(isRunning(0x3ffffff)).toBe(false);
+    // an exited process that its parent does not reap is a zombie: gone (sh's `true &` child,
+    // once sh has become a `sleep` that never waits)
+    const parent = spawn("sh", ["-c", "true & echo $!; exec sleep 5"], { stdio: ["ignore", "pipe", "ignore"] });
+    const pid = Number(await new Promise<string>((r) => parent.stdout.once("data", (d: Buffer) => r(d.toString()))));
+    for (let i = 0; i < 100 && processStat(pid)?.state !== "Z"; i++) await new Promise((r) => setTimeout(r, 10));
+    expect(processStat(pid)?.state).toBe("Z");
+    expect(isRunning(pid)).toBe(false);
+    parent.kill("SIGKILL");
+  });
+});

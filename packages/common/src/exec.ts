@@ -1,4 +1,5 @@
 import { spawn, type ChildProcess } from "node:child_process";
+import { readFileSync } from "node:fs";
 
 export interface ExecOptions {
   /** Written to the child's stdin, which is then closed. */
@@ -159,6 +160,37 @@ export async function exec(command: string, args: readonly string[], opts: ExecO
   if (o.code === null) throw new ExecError(command, args, null, o.stderr, o.stdout, "signal", `killed by ${o.signal}`);
   if (!(opts.okCodes ?? [0]).includes(o.code)) throw new ExecError(command, args, o.code, o.stderr, o.stdout, "exit");
   return { stdout: o.stdout, stderr: o.stderr, exitCode: o.code, durationMs: o.durationMs };
+}
+
+/** A process's state letter and start time (clock ticks since boot), from /proc/<pid>/stat. */
+export interface ProcessStat {
+  /** R, S, D, Z (exited, not reaped), X (dead), ... */
+  state: string;
+  /** Field 22: another process given the same pid later has another. */
+  startTime: number;
+}
+
+/** undefined when there is no such process. */
+export function processStat(pid: number): ProcessStat | undefined {
+  let text: string;
+  try {
+    text = readFileSync(`/proc/${pid}/stat`, "utf8");
+  } catch {
+    return undefined;
+  }
+  // "pid (comm) S ppid ...": comm may hold spaces and parentheses; the fields follow its last ')'
+  const fields = text.slice(text.lastIndexOf(")") + 2).split(" ");
+  return { state: fields[0] ?? "", startTime: Number(fields[19]) };
+}
+
+/**
+ * Whether the process exists and has not exited (and, given `startTime`, is the one that started
+ * then, not a later one given the same pid). A zombie counts as gone: PID 1 on these machines
+ * does not reap orphans, so an exited process may keep its pid for good.
+ */
+export function isRunning(pid: number, startTime?: number): boolean {
+  const st = processStat(pid);
+  return st !== undefined && st.state !== "Z" && st.state !== "X" && (startTime === undefined || st.startTime === startTime);
 }
 
 /*

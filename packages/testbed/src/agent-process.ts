@@ -1,7 +1,7 @@
 import { spawn, type ChildProcess } from "node:child_process";
 import { closeSync, openSync, readFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
-import { FerryError } from "@ferry/common";
+import { FerryError, isRunning } from "@ferry/common";
 import type { EmulatedHost } from "./testbed.js";
 
 const AGENT_DIR = fileURLToPath(new URL("../../agent/", import.meta.url));
@@ -158,15 +158,7 @@ export async function spawnDetached(
 
 /** SIGTERM a process we started (by pid), SIGKILL after `graceMs`; resolves when it is gone. */
 export async function stopPid(pid: number, graceMs = 5000): Promise<void> {
-  const alive = (): boolean => {
-    try {
-      process.kill(pid, 0);
-      // A zombie (exited, never reaped by PID 1 here) counts as gone.
-      return !/^\S+ \(.*\) Z/.test(readFileSync(`/proc/${pid}/stat`, "utf8"));
-    } catch {
-      return false;
-    }
-  };
+  const alive = (): boolean => isRunning(pid);
   if (!alive()) return;
   process.kill(pid, "SIGTERM");
   const end = Date.now() + graceMs;

@@ -598,7 +598,8 @@ export class ContainerRuntime {
       }
       const pid = await readPidFile(path.join(this.dir(name), "container.pid"));
       const after = await this.runc.state(name);
-      if (after?.status !== "running" || !(await processAlive(pid))) {
+      // runc reads "running" only while its init process (this pid) lives
+      if (after?.status !== "running") {
         throw new FerryError("Internal", `container "${name}" is ${after?.status ?? "unknown"} right after restore (pid ${pid})`, {
           data: { criuLog: path.join(workDir, "restore.log") },
           fix: `read ${path.join(workDir, "restore.log")} and the container log ${this.logPath(name)}`,
@@ -909,17 +910,6 @@ async function isDir(p: string): Promise<boolean> {
 async function firstReadable(paths: string[]): Promise<string | undefined> {
   for (const p of paths) if (await exists(p)) return p;
   return undefined;
-}
-
-async function processAlive(pid: number): Promise<boolean> {
-  try {
-    const s = await readFile(`/proc/${pid}/stat`, "utf8");
-    // field 3 (after the parenthesised comm) is the state; Z = exited, not reaped
-    const st = s.slice(s.lastIndexOf(")") + 2, s.lastIndexOf(")") + 3);
-    return st !== "Z" && st !== "X";
-  } catch {
-    return false;
-  }
 }
 
 /** Bytes of regular files under `dir` (apparent size), 0 when absent. */

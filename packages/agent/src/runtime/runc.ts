@@ -1,6 +1,6 @@
 import { access, readdir, readFile } from "node:fs/promises";
 import path from "node:path";
-import { exec, ExecError, FerryError, type Logger, silentLogger } from "@ferry/common";
+import { exec, ExecError, FerryError, isRunning, type Logger, silentLogger } from "@ferry/common";
 
 /** `runc state` / `runc list` of one container. */
 export interface RuncState {
@@ -248,20 +248,12 @@ export async function readRuncState(root: string, id: string): Promise<RuncState
   }
   const base = { id, bundle, created: f.created };
   if (await isFrozen(f.cgroup_paths ?? {})) return { ...base, pid: f.init_process_pid, status: "paused" };
-  if (!(await initAlive(f.init_process_pid, f.init_process_start))) return { ...base, pid: 0, status: "stopped" };
+  if (!isRunning(f.init_process_pid, f.init_process_start)) return { ...base, pid: 0, status: "stopped" };
   const created = await access(path.join(dir, "exec.fifo")).then(
     () => true,
     () => false,
   );
   return { ...base, pid: f.init_process_pid, status: created ? "created" : "running" };
-}
-
-async function initAlive(pid: number, startTime: number): Promise<boolean> {
-  const stat = await readFile(`/proc/${pid}/stat`, "utf8").catch(() => "");
-  // "pid (comm) S ppid ...": comm may hold spaces and parentheses; the fields after its last ')'
-  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-  const state = fields[0];
-  return fields.length > 19 && Number(fields[19]) === startTime && state !== "Z" && state !== "X";
 }
 
 /** cgroup v1: freezer.state FROZEN, by the cgroup itself (not an ancestor); v2: cgroup.freeze 1. FREEZING is not yet paused. */
