@@ -27,7 +27,8 @@ export interface ListMigrationsFilter {
 interface Entry {
   /** Absent only while an entry is being loaded. */
   m?: Migration;
-  ctx?: unknown;
+  /** The step outputs as JSON text: written into each line as they are, parsed only when read. */
+  ctx?: string;
   /** The open log, between the first append and the compaction at the migration's end. */
   fh?: FileHandle;
   /** The log's directory entry is durable (the file was loaded or the directory fsynced since). */
@@ -96,7 +97,7 @@ export class MigrationJournal implements MigrationRecordSink {
     }
     const e = this.entry(m.id);
     e.m = Migration.fromJSON(Migration.toJSON(m));
-    if (body !== undefined) e.ctx = JSON.parse(body);
+    if (body !== undefined) e.ctx = body;
     return this.commit(m.id, e);
   }
 
@@ -133,7 +134,7 @@ export class MigrationJournal implements MigrationRecordSink {
       return Promise.reject(asFerryError(e));
     }
     const ctx = this.entries.get(id)?.ctx;
-    return Promise.resolve(ctx === undefined ? undefined : (structuredClone(ctx) as T));
+    return Promise.resolve(ctx === undefined ? undefined : (JSON.parse(ctx) as T));
   }
 
   /** Waits for every queued write (tests, shutdown). */
@@ -210,7 +211,7 @@ export class MigrationJournal implements MigrationRecordSink {
         const e = this.entry(id);
         e.m = Migration.fromJSON(state.migration);
         if (e.m.id !== id) throw new Error(`holds migration "${e.m.id}"`);
-        if (state.context !== undefined) e.ctx = state.context;
+        if (state.context !== undefined) e.ctx = JSON.stringify(state.context);
         e.onDisk = true;
         if (lines.length !== 2 || i !== 0) await this.compact(id, e, lineOf(e));
         return;
@@ -237,7 +238,7 @@ export class MigrationJournal implements MigrationRecordSink {
           const [m, ctx] = await Promise.all(files.map((p) => readFile(p, "utf8").then((b) => JSON.parse(b) as unknown, ignoreMissing)));
           const e = this.entry(id);
           e.m = Migration.fromJSON(m);
-          if (ctx !== undefined) e.ctx = ctx;
+          if (ctx !== undefined) e.ctx = JSON.stringify(ctx);
           await this.compact(id, e, lineOf(e));
         }
         for (const p of files) await unlink(p).catch(ignoreMissing);
@@ -259,8 +260,10 @@ interface LogLine {
 }
 
 function lineOf(e: Entry): string {
-  const line: LogLine = { migration: e.m ? Migration.toJSON(e.m) : undefined, context: e.ctx };
-  return JSON.stringify(line) + "\n";
+  const fields: string[] = [];
+  if (e.m) fields.push(`"migration":${JSON.stringify(Migration.toJSON(e.m))}`);
+  if (e.ctx !== undefined) fields.push(`"context":${e.ctx}`);
+  return `{${fields.join(",")}}\n`;
 }
 
 function ignoreMissing(e: unknown): undefined {
