@@ -116,7 +116,7 @@ function runProgram(spawnFn: typeof spawn, req: RunRequest, done: (o: RunOutcome
   };
 }
 
-/** Runs programs somewhere; `kill` stops one it started. */
+/** Runs programs somewhere: in this process, or in the launcher's helper; an abort kills the program. */
 interface Runner {
   run(req: RunRequest, signal?: AbortSignal): Promise<RunOutcome>;
 }

@@ -371,12 +371,13 @@ export class ContainerRuntime {
   async rediscover(): Promise<{ containers: ContainerInfo[]; orphans: string[] }> {
     // Ferry pauses a container only for a checkpoint (see freeze): one still paused is what an
     // agent that stopped between its freeze and the dump left behind. It runs again.
-    for (const c of await this.list()) {
-      if (c.state !== ContainerState.CONTAINER_STATE_PAUSED || !c.spec) continue;
-      await this.thaw(c.spec.name);
-      this.log.warn({ container: c.spec.name }, "container was left frozen by an interrupted checkpoint; thawed");
+    let containers = await this.list();
+    const frozen = containers.filter((c) => c.state === ContainerState.CONTAINER_STATE_PAUSED && c.spec);
+    for (const c of frozen) {
+      await this.thaw(c.spec!.name);
+      this.log.warn({ container: c.spec!.name }, "container was left frozen by an interrupted checkpoint; thawed");
     }
-    const containers = await this.list();
+    if (frozen.length) containers = await this.list();
     const known = new Set(containers.map((c) => c.spec?.name));
     const orphans = (await this.runc.list()).map((s) => s.id).filter((id) => !known.has(id));
     if (orphans.length) this.log.warn({ orphans }, "runc containers without a record");
