@@ -191,6 +191,16 @@ async function migrateViaApi(admin: ReturnType<typeof controllerClient>, name: s
   return m;
 }
 
+/** /proc/stat counts in USER_HZ, 1/100 s on Linux whatever the kernel's tick. */
+const CLK_TCK = 100;
+
+/** Busy CPU time of the whole machine so far, all cores (user, system, irq, steal; not idle or iowait). */
+async function busyCpuMs(): Promise<number> {
+  const f = (await readFile("/proc/stat", "utf8")).split("\n", 1)[0]!.trim().split(/\s+/).slice(1).map(Number);
+  const [user, nice, system, , , irq, softirq, steal] = f;
+  return ((user! + nice! + system! + irq! + softirq! + steal!) * 1000) / CLK_TCK;
+}
+
 /** A child process in a namespace; resolves with its output when it exits. */
 function inNetns(
   netnsPath: string,
@@ -453,6 +463,8 @@ async function main(): Promise<void> {
     via: "cli" | "api";
     wallMs: number;
     controllerSpanMs: number;
+    /** The whole machine's busy CPU time over the batch (/proc/stat), every process included. */
+    cpuMs: number;
     each: number[];
     /** Per migration: each step as [name, ms, agent work ms]. */
     steps?: Array<Array<[string, number, number]>>;
@@ -485,21 +497,24 @@ async function main(): Promise<void> {
                 ]);
               }
               await sleep(200);
+              const cpu0 = await busyCpuMs();
               const t = performance.now();
               const ms =
                 via === "cli"
                   ? (await Promise.all(names.map((nm, k) => ferryMigrate(nm, dstOf(k))))).map((r) => r.m)
                   : await Promise.all(names.map((nm, k) => migrateViaApi(admin, nm, dstOf(k))));
               const wallMs = performance.now() - t;
+              const cpuMs = (await busyCpuMs()) - cpu0;
               const starts = ms.map((m) => Date.parse(m.createdAt ?? ""));
               const ends = ms.map((m) => Date.parse(m.finishedAt ?? ""));
               const controllerSpanMs = Math.max(...ends) - Math.min(...starts);
               const steps = ms.map((m) =>
                 (m.steps ?? []).map((s): [string, number, number] => [s.name, s.durationMs ?? 0, s.details?.work_ms ?? 0]),
               );
-              parallel.push({ n, rep, via, wallMs, controllerSpanMs, each: ms.map((m) => m.totalMs ?? 0), steps });
+              parallel.push({ n, rep, via, wallMs, controllerSpanMs, cpuMs, each: ms.map((m) => m.totalMs ?? 0), steps });
               log(`parallel n=${n} rep=${rep} via=${via}`, {
                 wallMs: Math.round(wallMs),
+                cpuMs: Math.round(cpuMs),
                 controllerSpanMs,
                 each: ms.map((m) => m.totalMs ?? 0),
               });
@@ -511,6 +526,7 @@ async function main(): Promise<void> {
                 via,
                 wallMs: NaN,
                 controllerSpanMs: NaN,
+                cpuMs: NaN,
                 each: [],
                 error: `${x.message}${x.stderr ? `: ${x.stderr.slice(-300)}` : ""}`,
               });
@@ -571,8 +587,12 @@ async function main(): Promise<void> {
   const experiments: Record<string, Record<Way, ReturnType<typeof agg>>> = {};
   for (const e of ["sockperf", "iperf"]) if (ONLY.has(e)) experiments[e] = { baseline: agg(of(e, "baseline")), ferry: agg(of(e, "ferry")) };
   const parOk = parallel.filter((p) => !p.error);
-  const parMedian = (n: number, via: "cli" | "api", k: "wallMs" | "controllerSpanMs" = "wallMs"): number =>
+  const parMedian = (n: number, via: "cli" | "api", k: "wallMs" | "controllerSpanMs" | "cpuMs" = "wallMs"): number =>
     median(parOk.filter((p) => p.n === n && p.via === via).map((p) => p[k]));
+  // No schedule of N migrations ends before their CPU time spread over every core: how far
+  // each batch of 4 was from that floor, and what 4 cost against 1 (4.0 = no contention cost).
+  const cores = os.cpus().length;
+  const par4 = parOk.filter((p) => p.n === 4 && p.via === "api");
   const all = (w: Way): RunRecord[] => ok.filter((r) => r.way === w);
   const ferryDisruption = median(all("ferry").map((r) => r.disruptionMs));
   const sshDisruption = median(all("baseline").map((r) => r.disruptionMs));
@@ -586,6 +606,9 @@ async function main(): Promise<void> {
     parallel4_ratio: round(parMedian(4, "api") / parMedian(1, "api"), 3),
     parallel_wall_ms: Object.fromEntries([1, 2, 3, 4].map((n) => [n, round(parMedian(n, "api"))])),
     // N `ferry migrate` processes at once: also N Node start-ups on the same 2 cores.
+    parallel_cpu_ms: Object.fromEntries([1, 2, 3, 4].map((n) => [n, round(parMedian(n, "api", "cpuMs"))])),
+    parallel4_cpu_floor_ratio: round(median(par4.map((p) => p.wallMs / (p.cpuMs / cores))), 3),
+    parallel4_cpu_ratio: round(parMedian(4, "api", "cpuMs") / parMedian(1, "api", "cpuMs"), 3),
     parallel4_ratio_cli: round(parMedian(4, "cli") / parMedian(1, "cli"), 3),
     parallel_cli_wall_ms: Object.fromEntries([1, 2, 3, 4].map((n) => [n, round(parMedian(n, "cli"))])),
     parallel4_ratio_controller: round(parMedian(4, "api", "controllerSpanMs") / parMedian(1, "api", "controllerSpanMs"), 3),
