@@ -128,7 +128,6 @@ function representative(r: ResultLike, exp: string, way: "baseline" | "ferry"): 
  * migration order. "ns" = the destination namespace: in downtime for COAT, before the freeze for Ferry.
  */
 const PHASES: Array<{ label: string; baseline?: string; ferry?: string }> = [
-  { label: "inspect", ferry: "inspect" },
   { label: "image", ferry: "prepare-image" },
   { label: "dest ns", baseline: "create-ns", ferry: "prepare-netns" },
   { label: "checkpoint", baseline: "checkpoint", ferry: "checkpoint" },

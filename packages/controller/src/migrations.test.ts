@@ -44,6 +44,7 @@ describe("a migration", () => {
     const c = await cluster();
     await c.run("web", "edge-a", 10);
     expectOnlyOn(c, "web", "10.77.0.10", "edge-a");
+    const inspectsBefore = c.agent("edge-a").callsOf("inspectContainer").length;
     const started = await c.ctl.migrations.start(req("web", "edge-b"));
     expect(started.state).toBe(MigrationState.MIGRATION_STATE_PENDING);
     expect(started.id).toMatch(/^m-\d{8}-\d{6}-[0-9a-f]{4}$/);
@@ -56,7 +57,6 @@ describe("a migration", () => {
 
     const saved = (await c.ctl.journal.get(m.id))!;
     expect(saved.steps.map((s) => s.name)).toEqual([
-      "inspect",
       "prepare-image",
       "prepare-netns",
       "checkpoint",
@@ -72,6 +72,10 @@ describe("a migration", () => {
       expect(s.startedAt).toBeInstanceOf(Date);
     }
     expect(saved.steps.filter((s) => s.group === "transfer").map((s) => s.name)).toEqual(["transfer", "clear-source-netns", "switch-path"]);
+    // The pre-checks inspected the container and saved what they learnt with the record: no
+    // step asked the source again.
+    expect(c.agent("edge-a").callsOf("inspectContainer")).toHaveLength(inspectsBefore + 1);
+    expect((await c.ctl.journal.getContext<{ spec?: unknown; sourceOfport?: number }>(m.id))?.spec).toBeDefined();
     expect(saved.partial).toBe(true);
     expect(saved.bytesTransferred).toBe(4 * MiB + 64 * 1024);
     expect(saved.totalMs).toBeGreaterThan(0);
@@ -114,7 +118,6 @@ describe("a migration", () => {
 
   // Each step before the commit, made to fail for good: the migration rolls back to the source.
   const failures: [step: string, host: "src" | "dst", method: string, extra?: Partial<Failpoint>][] = [
-    ["inspect", "src", "inspectContainer", { skip: 1 }],
     ["prepare-image", "dst", "pullBlob"],
     ["prepare-netns", "dst", "createNetns"],
     ["checkpoint", "src", "checkpoint"],
@@ -154,6 +157,24 @@ describe("a migration", () => {
     // The agent did the dump but the answer was lost: the retry is answered from its record, not dumped twice.
     expect(m.steps.find((s) => s.name === "checkpoint")!.attempts).toBe(2);
     expectOnlyOn(c, "web", "10.77.0.10", "edge-b");
+  });
+
+  it("refuses a container that is not running, and one its source cannot inspect, before recording anything", async () => {
+    const c = await cluster();
+    await c.run("web", "edge-a", 10);
+    c.agent("edge-a").containers.get("web")!.state = ContainerState.CONTAINER_STATE_STOPPED;
+    const stopped = await refusal(c.ctl.migrations.start(req("web", "edge-b")));
+    expect(stopped.code).toBe("FailedPrecondition");
+    expect(stopped.message).toBe('container "web" is not running on edge-a');
+    c.agent("edge-a").containers.get("web")!.state = ContainerState.CONTAINER_STATE_RUNNING;
+    c.agent("edge-a").fail("inspectContainer", { code: "Internal", times: Infinity });
+    expect((await refusal(c.ctl.migrations.start(req("web", "edge-b")))).code).toBe("Internal");
+    c.agent("edge-a").clearFailpoints();
+    expect(await c.ctl.journal.list()).toEqual([]);
+    expect(c.agent("edge-b").callsOf("createNetns")).toEqual([]);
+    expect(c.agent("edge-a").callsOf("checkpoint")).toEqual([]);
+    expectOnlyOn(c, "web", "10.77.0.10", "edge-a");
+    expect((await c.wait((await c.ctl.migrations.start(req("web", "edge-b"))).id)).state).toBe(MigrationState.MIGRATION_STATE_SUCCEEDED);
   });
 
   it("refuses stop, delete and a second migration of a container being migrated, naming the migration", async () => {

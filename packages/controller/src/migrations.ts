@@ -1,4 +1,3 @@
-import { ContainerState } from "@ferry/api/agent";
 import {
   AdmissionStrategy,
   Migration,
@@ -16,7 +15,7 @@ import type { ContainerService } from "./containers.js";
 import type { HostRegistry } from "./hosts.js";
 import type { ListMigrationsFilter, MigrationJournal } from "./journal.js";
 import { containerLock, hostLock, type LockTable, type Release } from "./locks.js";
-import { COMMIT_STEP, stopAndCopyPipeline, type MigrationCtx, type MigrationOutputs } from "./migration/steps.js";
+import { COMMIT_STEP, outputsOfInspected, stopAndCopyPipeline, type MigrationCtx, type MigrationOutputs } from "./migration/steps.js";
 import {
   UNFINISHED_STATES,
   isCommitted,
@@ -27,6 +26,7 @@ import {
   type PipelineOptions,
   type PipelineResult,
   type Stage,
+  type Step,
 } from "./pipeline/index.js";
 import type { MigrationScheduler, Reservation } from "./scheduler.js";
 import type { Sdn } from "./sdn/index.js";
@@ -149,6 +149,7 @@ export class MigrationService {
     );
     let reservation: Reservation | undefined;
     let partial = false;
+    let seed: MigrationOutputs;
     const startDetails: Record<string, number> = {};
     try {
       const src = this.d.hosts.client(source);
@@ -160,13 +161,7 @@ export class MigrationService {
         this.call(destination, () => dst.getResources({}, t)),
         this.call(source, () => src.inspectContainer({ name: container }, t)),
       ]);
-      const info = inspected.container;
-      if (!info?.spec) throw FerryError.notFound("container", container);
-      if (info.state !== ContainerState.CONTAINER_STATE_RUNNING) {
-        throw new FerryError("FailedPrecondition", `container "${container}" is not running on ${source}`, {
-          fix: "only a running container can be live-migrated; start it first",
-        });
-      }
+      seed = outputsOfInspected(inspected.container, container, source);
       // Before any freeze: can a checkpoint from the source be restored on the destination at all?
       const caps = checkCapabilities(srcCaps, dstCaps);
       for (const w of caps.warnings) this.log.warn({ container, source, destination, warning: w }, "capability warning");
@@ -180,15 +175,16 @@ export class MigrationService {
       }
       // Partial migration: what the destination already has does not travel (nor count for its disk).
       let imageBytes = 0;
-      if (info.imageDigest) {
-        const has = await this.call(destination, () => dst.hasBlobs({ digests: [info.imageDigest] }, t));
-        partial = has.present.includes(info.imageDigest);
+      const digest = seed.imageDigest;
+      if (digest) {
+        const has = await this.call(destination, () => dst.hasBlobs({ digests: [digest] }, t));
+        partial = has.present.includes(digest);
         if (!partial) {
           const imgs = await this.call(source, () => src.listImages({}, t));
-          imageBytes = imgs.images.find((i) => i.digest === info.imageDigest)?.sizeBytes ?? 0;
+          imageBytes = imgs.images.find((i) => i.digest === digest)?.sizeBytes ?? 0;
         }
       }
-      const spec = info.spec;
+      const spec = seed.spec!;
       reservation = this.d.scheduler.reserve({
         id,
         source,
@@ -203,7 +199,7 @@ export class MigrationService {
               name: container,
               cpuMillicores: spec.cpuMillicores,
               memoryLimitBytes: spec.memoryLimitBytes,
-              usage: info.usage,
+              usage: inspected.container?.usage,
               imageBytes,
               upperBytes: 0,
             },
@@ -230,13 +226,14 @@ export class MigrationService {
     });
     if (req.mode === MigrationMode.MIGRATION_MODE_PRE_COPY) record.mode = MigrationMode.MIGRATION_MODE_PRE_COPY;
     try {
-      await this.d.journal.save(record);
+      // With what the pre-checks learnt of the container: the pipeline need not ask again.
+      await this.d.journal.saveState(record, seed);
     } catch (e) {
       reservation.release();
       release();
       throw new FerryError("Internal", `migration ${id} not recorded: ${asFerryError(e).message}`, { cause: e });
     }
-    const ctx = this.context(record, {});
+    const ctx = this.context(record, seed);
     this.launch(record, ctx, withStartDetails(this.stages(), startDetails), () => {
       reservation.release();
       release();
@@ -465,16 +462,16 @@ export class MigrationService {
 /** The first step also records `details` (e.g. that pre-copy fell back to stop-and-copy). */
 function withStartDetails(stages: Stage<MigrationCtx>[], details: Record<string, number>): Stage<MigrationCtx>[] {
   if (Object.keys(details).length === 0) return stages;
-  const [first, ...rest] = stages;
-  if (!first || isGroup(first)) return stages;
-  return [
-    {
-      ...first,
-      run: async (ctx, io) => {
-        for (const [k, v] of Object.entries(details)) io.detail(k, v);
-        await first.run(ctx, io);
-      },
+  const wrap = (s: Step<MigrationCtx>): Step<MigrationCtx> => ({
+    ...s,
+    run: async (ctx, io) => {
+      for (const [k, v] of Object.entries(details)) io.detail(k, v);
+      await s.run(ctx, io);
     },
-    ...rest,
-  ];
+  });
+  const [first, ...rest] = stages;
+  if (!first) return stages;
+  if (!isGroup(first)) return [wrap(first), ...rest];
+  const [s0, ...others] = first.steps;
+  return s0 ? [{ ...first, steps: [wrap(s0), ...others] }, ...rest] : stages;
 }

@@ -1,9 +1,13 @@
 // The steps of a live migration, as the pipeline engine runs them (see ../pipeline):
 //
-//   inspect ─┬ prepare-image ┬─ checkpoint ─┬ transfer           ┬─ restore ═ cleanup-source
-//            └ prepare-netns ┘              ├ clear-source-netns ┤  (commit)
-//                                           └ switch-path        ┘
-//            no downtime                    │ downtime starts ........ downtime ends │
+//   ┬ prepare-image ┬─ checkpoint ─┬ transfer           ┬─ restore ═ cleanup-source
+//   └ prepare-netns ┘              ├ clear-source-netns ┤  (commit)
+//                                  └ switch-path        ┘
+//   no downtime                    │ downtime starts ........ downtime ends │
+//
+// The container is not inspected here: StartMigration's pre-checks did it a moment before (its
+// spec, image and state decide admission) and seed the outputs with what they learnt
+// (`outputsOfInspected`), saved with the record before any step runs.
 //
 // Until `restore` succeeds, every failure rolls back: undos run in reverse, and the last one,
 // the checkpoint's, restores the container on the source from the checkpoint it kept. Once the
@@ -12,7 +16,7 @@
 //
 // Every agent call carries the step's operation key (`<migration id>/<step>`), so a retried call,
 // or one repeated after a controller restart, is answered from the agent's record.
-import { BlobKind, ContainerState, type BlobRef, type ContainerSpec, type TcpConnection } from "@ferry/api/agent";
+import { BlobKind, ContainerState, type BlobRef, type ContainerInfo, type ContainerSpec, type TcpConnection } from "@ferry/api/agent";
 import { FerryError, RETRYABLE_CODES, type CallOpts } from "@ferry/common";
 import type { RetryPolicy, Stage, Step, StepIo } from "../pipeline/types.js";
 import type { AgentClient } from "../hosts.js";
@@ -182,24 +186,24 @@ async function pull(ctx: MigrationCtx, io: StepIo, blob: BlobRef, suffix: string
   }
 }
 
-const inspect: Step<MigrationCtx> = {
-  name: "inspect",
-  timeoutMs: 10_000,
-  retry: retry(3),
-  async run(ctx, io) {
-    const { container } = await ctx.source.client.inspectContainer({ name: ctx.container }, agentOpts(io, ctx.source));
-    if (!container?.spec) throw FerryError.notFound("container", ctx.container);
-    if (container.state !== ContainerState.CONTAINER_STATE_RUNNING) {
-      throw new FerryError("FailedPrecondition", `container "${ctx.container}" is not running on ${ctx.source.name}`, {
-        fix: "only a running container can be live-migrated; start it first",
-      });
-    }
-    ctx.out.spec = container.spec;
-    ctx.out.imageDigest = container.imageDigest;
+/**
+ * What the steps need of the container, from its source agent's answer to InspectContainer:
+ * NotFound without a spec, FailedPrecondition unless it runs.
+ */
+export function outputsOfInspected(info: ContainerInfo | undefined, container: string, source: string): MigrationOutputs {
+  if (!info?.spec) throw FerryError.notFound("container", container);
+  if (info.state !== ContainerState.CONTAINER_STATE_RUNNING) {
+    throw new FerryError("FailedPrecondition", `container "${container}" is not running on ${source}`, {
+      fix: "only a running container can be live-migrated; start it first",
+    });
+  }
+  return {
+    spec: info.spec,
+    imageDigest: info.imageDigest,
     // The path switch's revert points the flows back at this port: without it a rollback fails.
-    if (container.spec.network?.ofport) ctx.out.sourceOfport = container.spec.network.ofport;
-  },
-};
+    ...(info.spec.network?.ofport ? { sourceOfport: info.spec.network.ofport } : {}),
+  };
+}
 
 const prepareImage: Step<MigrationCtx> = {
   name: "prepare-image",
@@ -447,7 +451,6 @@ export const TRANSFER_GROUP = "transfer";
 /** The stop-and-copy pipeline (COAT's steps, with step 4's parts in parallel and the path switch among them). */
 export function stopAndCopyPipeline(): Stage<MigrationCtx>[] {
   return [
-    inspect,
     // Independent, both ahead of the freeze: the image (if missing) and the locked namespace.
     { group: PREPARE_GROUP, steps: [prepareImage, prepareNetns] },
     checkpoint,
