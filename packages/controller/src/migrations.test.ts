@@ -2,6 +2,7 @@ import { BlobKind, ContainerState } from "@ferry/api/agent";
 import { AdmissionStrategy, MigrationMode, MigrationState, StepState, type Migration } from "@ferry/api/controller";
 import { afterEach, describe, expect, it } from "vitest";
 import { FakeNetwork, type Failpoint } from "./fake-agent.js";
+import { MigrationJournal } from "./journal.js";
 import { controlOverheadMs } from "./migrations.js";
 import { clusterPool, fakeCluster, flowOut, isRunning, refusal, type FakeCluster } from "./testkit.js";
 
@@ -389,6 +390,30 @@ describe("a controller restart mid-migration", () => {
     expect(m.error).toContain("the controller restarted");
     expectOnlyOn(c2, "web", "10.77.0.10", "edge-a");
     expect((await c2.ctl.migrations.get(id)).state).toBe(MigrationState.MIGRATION_STATE_ROLLED_BACK);
+  });
+
+  it("a record from an older controller, with its inspect step done: resumed, it rolls back cleanly", async () => {
+    const net = new FakeNetwork();
+    const c1 = await fakeCluster({ net });
+    await c1.run("web", "edge-a", 10);
+    c1.agent("edge-b").fail("createNetns", { code: "Internal", hang: true });
+    const { id } = await c1.ctl.migrations.start(req("web", "edge-b"));
+    const before = await c1.until(id, (m) => m.steps.find((s) => s.name === "prepare-netns")?.state === StepState.STEP_STATE_RUNNING);
+    await c1.close(true);
+    net.severAll();
+    await c1.ctl.journal.flush();
+    // As an older controller saved it: the pipeline began with an inspect step.
+    const journal = await MigrationJournal.open(c1.stateDir);
+    const inspect = { ...before.steps[0]!, name: "inspect", group: "", state: StepState.STEP_STATE_DONE };
+    await journal.saveState({ ...before, steps: [inspect, ...before.steps] }, await journal.getContext(id));
+    await journal.close();
+    for (const a of net.agents.values()) a.clearFailpoints();
+    const c2 = await cluster({ net, stateDir: c1.stateDir });
+    const m = await c2.wait(id);
+    expect(m.state, m.error).toBe(MigrationState.MIGRATION_STATE_ROLLED_BACK);
+    expect(m.error).not.toContain("unknown to this controller");
+    expect(m.steps.map((s) => s.name)).not.toContain("inspect");
+    expectOnlyOn(c2, "web", "10.77.0.10", "edge-a");
   });
 
   it("after the dump, before the checkpoint's DONE was saved: the undo restores from the source's checkpoint", async () => {

@@ -15,7 +15,14 @@ import type { ContainerService } from "./containers.js";
 import type { HostRegistry } from "./hosts.js";
 import type { ListMigrationsFilter, MigrationJournal } from "./journal.js";
 import { containerLock, hostLock, type LockTable, type Release } from "./locks.js";
-import { COMMIT_STEP, outputsOfInspected, stopAndCopyPipeline, type MigrationCtx, type MigrationOutputs } from "./migration/steps.js";
+import {
+  COMMIT_STEP,
+  RETIRED_STEPS,
+  outputsOfInspected,
+  stopAndCopyPipeline,
+  type MigrationCtx,
+  type MigrationOutputs,
+} from "./migration/steps.js";
 import {
   UNFINISHED_STATES,
   isCommitted,
@@ -246,6 +253,7 @@ export class MigrationService {
   async resumeAll(): Promise<string[]> {
     const ids: string[] = [];
     for (const m of await this.d.journal.unfinished()) {
+      m.steps = m.steps.filter((s) => !RETIRED_STEPS.has(s.name));
       try {
         this.d.hosts.get(m.source);
         this.d.hosts.get(m.destination);

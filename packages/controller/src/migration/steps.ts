@@ -461,3 +461,9 @@ export function stopAndCopyPipeline(): Stage<MigrationCtx>[] {
 }
 
 export const COMMIT_STEP = "restore";
+
+/**
+ * Steps older controllers ran that did nothing to undo: a resumed record drops them, so that a
+ * rollback does not stop at a step this version does not know.
+ */
+export const RETIRED_STEPS: ReadonlySet<string> = new Set(["inspect"]);
