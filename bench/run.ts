@@ -605,10 +605,10 @@ async function main(): Promise<void> {
     // The migrations alone: one admin client starts N over the API and watches them end.
     parallel4_ratio: round(parMedian(4, "api") / parMedian(1, "api"), 3),
     parallel_wall_ms: Object.fromEntries([1, 2, 3, 4].map((n) => [n, round(parMedian(n, "api"))])),
-    // N `ferry migrate` processes at once: also N Node start-ups on the same 2 cores.
     parallel_cpu_ms: Object.fromEntries([1, 2, 3, 4].map((n) => [n, round(parMedian(n, "api", "cpuMs"))])),
     parallel4_cpu_floor_ratio: round(median(par4.map((p) => p.wallMs / (p.cpuMs / cores))), 3),
     parallel4_cpu_ratio: round(parMedian(4, "api", "cpuMs") / parMedian(1, "api", "cpuMs"), 3),
+    // N `ferry migrate` processes at once: also N Node start-ups on the same 2 cores.
     parallel4_ratio_cli: round(parMedian(4, "cli") / parMedian(1, "cli"), 3),
     parallel_cli_wall_ms: Object.fromEntries([1, 2, 3, 4].map((n) => [n, round(parMedian(n, "cli"))])),
     parallel4_ratio_controller: round(parMedian(4, "api", "controllerSpanMs") / parMedian(1, "api", "controllerSpanMs"), 3),
