@@ -143,9 +143,10 @@ describe("processStat and isRunning", () => {
     expect(isRunning(process.pid, me.startTime + 1)).toBe(false);
     expect(processStat(0x3ffffff)).toBeUndefined();
     expect(isRunning(0x3ffffff)).toBe(false);
-    // an exited process that its parent does not reap is a zombie: gone (sh's `true &` child,
-    // once sh has become a `sleep` that never waits)
-    const parent = spawn("sh", ["-c", "true & echo $!; exec sleep 5"], { stdio: ["ignore", "pipe", "ignore"] });
+    // an exited process that its parent does not reap is a zombie: gone. sh's background child
+    // exits only after sh has become a `sleep` that never waits (a child that exits at once may
+    // be reaped by sh itself before its exec: seen once on CI)
+    const parent = spawn("sh", ["-c", "sleep 0.3 & echo $!; exec sleep 5"], { stdio: ["ignore", "pipe", "ignore"] });
     const pid = Number(await new Promise<string>((r) => parent.stdout.once("data", (d: Buffer) => r(d.toString()))));
     for (let i = 0; i < 100 && processStat(pid)?.state !== "Z"; i++) await new Promise((r) => setTimeout(r, 10));
     expect(processStat(pid)?.state).toBe("Z");
