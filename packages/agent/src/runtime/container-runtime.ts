@@ -476,7 +476,7 @@ export class ContainerRuntime {
 
       // before the freeze: once dumped, the sockets are gone from ss
       const connections = opts.tcpEstablished ? await this.establishedConnections(rec.netnsPath) : [];
-      const thaw = await this.freeze(name);
+      await this.freeze(name);
       try {
         await this.runc.checkpoint(name, {
           imagePath: imagesDir,
@@ -485,9 +485,10 @@ export class ContainerRuntime {
           leaveRunning: opts.leaveRunning ?? false,
           ...(opts.pageServer ? { pageServer: `${opts.pageServer.address}:${opts.pageServer.port}` } : {}),
         });
-        if (opts.leaveRunning) await thaw();
+        // CRIU leaves the cgroup as it found it: frozen, by us
+        if (opts.leaveRunning) await this.thaw(name);
       } catch (e) {
-        await thaw();
+        await this.thaw(name);
         const failedDir = path.join(this.stateDir, "failed", `${id}-${Date.now()}`);
         await mkdir(path.dirname(failedDir), { recursive: true });
         await rename(workDir, failedDir).catch(() => undefined);
@@ -623,26 +624,22 @@ export class ContainerRuntime {
   /**
    * Freeze the container's cgroup and wait until it is frozen, polling every millisecond. CRIU
    * freezes it itself, but reads the state back once and, still FREEZING, sleeps 100 ms before
-   * the next read; a cgroup found FROZEN is dumped at once. Returns the thaw (for a failure, or a
-   * checkpoint that leaves the container running: CRIU leaves the cgroup as it found it).
-   * Without a v1 freezer (or if it does not settle in 1 s) CRIU is left to freeze as before.
+   * the next read; a cgroup found FROZEN is dumped at once. Without a v1 freezer (or if it does
+   * not settle in 1 s) CRIU is left to freeze as before; a later `thaw` is harmless either way.
    */
-  private async freeze(name: string): Promise<() => Promise<void>> {
+  private async freeze(name: string): Promise<void> {
     const state = this.freezerState(name);
-    const thaw = (): Promise<void> => this.thaw(name);
-    const nothing = (): Promise<void> => Promise.resolve();
     try {
       await writeFile(state, "FROZEN");
     } catch {
-      return nothing;
+      return;
     }
     const end = performance.now() + 1000;
     while (performance.now() < end) {
-      if ((await readFile(state, "utf8")).trim() === "FROZEN") return thaw;
+      if ((await readFile(state, "utf8")).trim() === "FROZEN") return;
       await new Promise((r) => setTimeout(r, 1));
     }
-    await thaw();
-    return nothing;
+    await this.thaw(name);
   }
 
   private freezerState(name: string): string {
