@@ -598,15 +598,17 @@ export class ContainerRuntime {
         this.log.error({ container: name, criuLog: path.join(workDir, "restore.log") }, "restore failed");
         throw this.runcFailure(e, `restore container "${name}"`, path.join(workDir, "restore.log"));
       }
-      const pid = await readPidFile(path.join(this.dir(name), "container.pid"));
       const after = await this.runc.state(name);
-      // runc reads "running" only while its init process (this pid) lives
+      // runc reads "running" only while its init process lives
       if (after?.status !== "running") {
+        const pid = await readPidFile(path.join(this.dir(name), "container.pid")).catch(() => 0);
         throw new FerryError("Internal", `container "${name}" is ${after?.status ?? "unknown"} right after restore (pid ${pid})`, {
           data: { criuLog: path.join(workDir, "restore.log") },
           fix: `read ${path.join(workDir, "restore.log")} and the container log ${this.logPath(name)}`,
         });
       }
+      // runc's pid of a running container is its init's, the one runc wrote to the pid file
+      const { pid } = after;
       rec.checkpointed = false;
       await this.writeRecord(rec);
       const rs = (await this.criu.readStats(workDir, "restore")) ?? (await this.criu.readStats(imagesDir, "restore"));
