@@ -46,6 +46,7 @@ describe("a migration", () => {
     await c.run("web", "edge-a", 10);
     expectOnlyOn(c, "web", "10.77.0.10", "edge-a");
     const inspectsBefore = c.agent("edge-a").callsOf("inspectContainer").length;
+    const hasBlobsBefore = c.agent("edge-b").callsOf("hasBlobs").length;
     const started = await c.ctl.migrations.start(req("web", "edge-b"));
     expect(started.state).toBe(MigrationState.MIGRATION_STATE_PENDING);
     expect(started.id).toMatch(/^m-\d{8}-\d{6}-[0-9a-f]{4}$/);
@@ -73,9 +74,10 @@ describe("a migration", () => {
       expect(s.startedAt).toBeInstanceOf(Date);
     }
     expect(saved.steps.filter((s) => s.group === "transfer").map((s) => s.name)).toEqual(["transfer", "clear-source-netns", "switch-path"]);
-    // The pre-checks inspected the container and saved what they learnt with the record: no
-    // step asked the source again.
+    // The pre-checks inspected the container and asked the destination for its image, and saved
+    // what they learnt with the record: no step asked again.
     expect(c.agent("edge-a").callsOf("inspectContainer")).toHaveLength(inspectsBefore + 1);
+    expect(c.agent("edge-b").callsOf("hasBlobs")).toHaveLength(hasBlobsBefore + 1);
     expect((await c.ctl.journal.getContext<{ spec?: unknown; sourceOfport?: number }>(m.id))?.spec).toBeDefined();
     expect(saved.partial).toBe(true);
     expect(saved.bytesTransferred).toBe(4 * MiB + 64 * 1024);

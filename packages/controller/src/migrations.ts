@@ -191,6 +191,7 @@ export class MigrationService {
           imageBytes = imgs.images.find((i) => i.digest === digest)?.sizeBytes ?? 0;
         }
       }
+      seed.partial = partial;
       const spec = seed.spec!;
       reservation = this.d.scheduler.reserve({
         id,

@@ -5,9 +5,10 @@
 //                                  └ switch-path        ┘
 //   no downtime                    │ downtime starts ........ downtime ends │
 //
-// The container is not inspected here: StartMigration's pre-checks did it a moment before (its
-// spec, image and state decide admission) and seed the outputs with what they learnt
-// (`outputsOfInspected`), saved with the record before any step runs.
+// The container is not inspected here, nor the destination asked for its image: StartMigration's
+// pre-checks did both a moment before (the spec, the state and the image's bytes decide
+// admission) and seed the outputs with what they learnt (`outputsOfInspected`, `partial`),
+// saved with the record before any step runs.
 //
 // Until `restore` succeeds, every failure rolls back: undos run in reverse, and the last one,
 // the checkpoint's, restores the container on the source from the checkpoint it kept. Once the
@@ -211,10 +212,10 @@ const prepareImage: Step<MigrationCtx> = {
   retry: retry(4),
   async run(ctx, io) {
     const digest = need(ctx.out.imageDigest, "image digest");
-    const { present } = await ctx.dest.client.hasBlobs({ digests: [digest] }, agentOpts(io, ctx.dest));
-    ctx.out.partial = present.includes(digest);
-    io.detail("partial", ctx.out.partial ? 1 : 0);
-    if (!ctx.out.partial) {
+    // Whether the destination has the image: StartMigration's pre-checks asked it (admission counts the image's bytes).
+    const partial = need(ctx.out.partial, "whether the destination has the image");
+    io.detail("partial", partial ? 1 : 0);
+    if (!partial) {
       // Full migration: the image travels too, but ahead of the freeze, so not in the downtime.
       const { complete, receivedBytes } = await ctx.source.client.getBlobStatus({ digest }, agentOpts(io, ctx.source));
       if (!complete) throw new FerryError("FailedPrecondition", `the source ${ctx.source.name} does not hold the image ${digest} any more`);
