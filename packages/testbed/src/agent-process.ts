@@ -158,11 +158,10 @@ export async function spawnDetached(
 
 /** SIGTERM a process we started (by pid), SIGKILL after `graceMs`; resolves when it is gone. */
 export async function stopPid(pid: number, graceMs = 5000): Promise<void> {
-  const alive = (): boolean => isRunning(pid);
-  if (!alive()) return;
+  if (!isRunning(pid)) return;
   process.kill(pid, "SIGTERM");
   const end = Date.now() + graceMs;
-  while (alive() && Date.now() < end) await new Promise((r) => setTimeout(r, 50));
-  if (alive()) process.kill(pid, "SIGKILL");
-  while (alive()) await new Promise((r) => setTimeout(r, 50));
+  while (isRunning(pid) && Date.now() < end) await new Promise((r) => setTimeout(r, 50));
+  if (isRunning(pid)) process.kill(pid, "SIGKILL");
+  while (isRunning(pid)) await new Promise((r) => setTimeout(r, 50));
 }
