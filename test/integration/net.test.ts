@@ -8,7 +8,7 @@ import { randomBytes } from "node:crypto";
 import { access, readdir, readFile } from "node:fs/promises";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type FerryError, exec, isFerryError, macFromIp } from "@ferry/common";
-import { CRIU_LOCK_RULES, CRIU_UNLOCK_CHAIN, CRIU_UNLOCK_JUMPS, NetNs, Ovs, portNameFor } from "@ferry/agent";
+import { CRIU_LOCK_RULES, CRIU_UNLOCK_CHAIN, CRIU_UNLOCK_JUMPS, NetNs, Ovs, lockNetns, portNameFor } from "@ferry/agent";
 import { Testbed, cookieForIp, runInNetns, type EmulatedHost, type Workload } from "@ferry/testbed";
 
 const isRoot = process.getuid?.() === 0;
@@ -200,6 +200,17 @@ describe.skipIf(!isRoot)("network layer (emulated hosts, OVS userspace, VXLAN)",
     expect(await nsA.isLocked(CT)).toBe(false);
     expect((await ping(CT_IP, 3)).received).toBeGreaterThanOrEqual(2);
     expect(CRIU_LOCK_RULES).toContain("-A CRIU -m mark --mark 0xC114 -j ACCEPT\n");
+
+    // The unlock's one transaction fails on a lock made twice, or in one family only: it then
+    // takes the lock apart step by step, leaving no jump and no chain in either family.
+    const rules = async (cmd: string): Promise<string> => (await exec("nsenter", [`--net=${path}`, cmd, "-t", "filter"])).stdout;
+    await lockNetns(path);
+    await lockNetns(path);
+    expect((await rules("iptables-save")).match(/^-A INPUT -j CRIU$/gm)).toHaveLength(2);
+    await exec("nsenter", [`--net=${path}`, "iptables-restore", "-w", "--noflush"], { input: CRIU_LOCK_RULES });
+    await nsA.unlock(CT);
+    for (const cmd of ["iptables-save", "ip6tables-save"]) expect(await rules(cmd)).not.toContain("CRIU");
+    expect((await ping(CT_IP, 3)).received).toBeGreaterThanOrEqual(2);
   });
 
   it("refuses a second namespace with the same IP on a host, and a clashing re-create; an identical one is idempotent", async () => {

@@ -135,9 +135,24 @@ describe.skipIf(!ROOT)("container runtime (runc + CRIU)", () => {
       expect(cli.stderr).toMatch(/does not exist/);
       return;
     }
-    const r = JSON.parse(cli.stdout) as { id: string; pid: number; status: string; bundle: string; created: string };
+    const r = JSON.parse(cli.stdout) as {
+      id: string;
+      pid: number;
+      status: string;
+      bundle: string;
+      created: string;
+      annotations?: Record<string, string>;
+    };
+    // every container names Ferry's CRIU configuration, which leaves the network lock to Ferry
+    expect(r.annotations?.["org.criu.config"]).toBe(runtime.criuConfig);
     expect(read).toEqual({ id: r.id, pid: r.pid, status: r.status, bundle: r.bundle, created: r.created });
     expect((await runc.list()).find((s) => s.id === name)).toEqual(read);
+  }
+
+  /** The namespace's IPv4 and IPv6 filter tables. */
+  async function lockRules(): Promise<string> {
+    const save = async (cmd: string): Promise<string> => (await exec("nsenter", [`--net=${netnsPath}`, cmd, "-t", "filter"])).stdout;
+    return (await save("iptables-save")) + (await save("ip6tables-save"));
   }
 
   beforeAll(async () => {
@@ -251,12 +266,14 @@ describe.skipIf(!ROOT)("container runtime (runc + CRIU)", () => {
       frozenMs.push(cp.stats.frozenMs);
       expect((await runtime.inspect(name)).state).toBe(ContainerState.CONTAINER_STATE_CHECKPOINTED);
 
-      // a migration's destination: a fresh namespace with the same address and CRIU's lock
-      // installed before it becomes reachable
-      // (IPv4 and IPv6: without the v6 part CRIU's unlock fails, non-fatally, ~50 ms of downtime)
+      // a migration's destination: a fresh namespace with the same address and the network lock
+      // installed before it becomes reachable (IPv4 and IPv6, as the dump left the source's)
       const lock4 = (await exec("nsenter", [`--net=${netnsPath}`, "iptables-save"])).stdout;
       const lock6 = (await exec("nsenter", [`--net=${netnsPath}`, "ip6tables-save"])).stdout;
-      expect(lock4).toContain(":CRIU");
+      // CRIU locked with Ferry's script (told to skip its own lock), once in each family
+      for (const saved of [lock4, lock6]) expect(saved.match(/^-A INPUT -j CRIU$/gm)).toHaveLength(1);
+      expect(await readFile(cp.criuLog, "utf8")).toContain(`Running network-lock scripts\n`);
+      expect(await readFile(cp.criuLog, "utf8")).toContain(`[${path.join(W, "state", "criu-network.sh")}]`);
       await deleteNetns();
       await createNetns({ v4: lock4, v6: lock6 });
 
@@ -280,8 +297,9 @@ describe.skipIf(!ROOT)("container runtime (runc + CRIU)", () => {
       // one is the host's (no CAP_SYS_RESOURCE to raise RLIMIT_NOFILE) and harmless
       const errors = (await readFile(rs.criuLog, "utf8")).split("\n").filter((l) => /Error \(/.test(l) && !/RLIMIT_NOFILE/.test(l));
       expect(errors).toEqual([]);
-      // CRIU's lock is released by the restore
-      expect((await exec("nsenter", [`--net=${netnsPath}`, "iptables-save"])).stdout).not.toContain(":CRIU");
+      // the lock is released by the restore (Ferry's script, run by CRIU), in both families
+      expect(await readFile(rs.criuLog, "utf8")).toContain(`[${path.join(W, "state", "criu-network.sh")}]`);
+      expect(await lockRules()).not.toContain("CRIU");
       const status = await readFile(`/proc/${rs.pid}/status`, "utf8");
       const ppid = /PPid:\s*(\d+)/.exec(status)![1]!;
       parents.push(`${ppid}:${(await readFile(`/proc/${ppid}/comm`, "utf8").catch(() => "?")).trim()}`);
@@ -323,6 +341,7 @@ describe.skipIf(!ROOT)("container runtime (runc + CRIU)", () => {
     expect((err as FerryError).message).toMatch(/checkpoint container .* failed: .*\(log: .*dump\.log\)/);
     expect(existsSync(String((err as FerryError).data?.log))).toBe(true);
     expect((await runtime.inspect(name)).state).toBe(ContainerState.CONTAINER_STATE_RUNNING);
+    expect(await lockRules()).not.toContain("CRIU"); // the lock made for the dump is gone with it
 
     // 2. a failpoint: runc pointed at a "criu" that exits 1, on a second runtime over the same state
     const failing = path.join(W, "criu-failpoint");
@@ -336,6 +355,7 @@ describe.skipIf(!ROOT)("container runtime (runc + CRIU)", () => {
     });
     await expect(rt2.checkpoint(name, { tcpEstablished: true })).rejects.toMatchObject({ code: "Internal" });
     expect((await runtime.inspect(name)).state).toBe(ContainerState.CONTAINER_STATE_RUNNING);
+    expect(await lockRules()).not.toContain("CRIU");
 
     await new Promise((r) => setTimeout(r, 300));
     c.proc.kill("SIGTERM");
@@ -349,6 +369,9 @@ describe.skipIf(!ROOT)("container runtime (runc + CRIU)", () => {
     const cp = await runtime.checkpoint(name, { tcpEstablished: true, leaveRunning: true });
     expect((await runtime.inspect(name)).state).toBe(ContainerState.CONTAINER_STATE_RUNNING);
     await expectRuncState("running");
+    expect(await lockRules()).not.toContain("CRIU"); // and reachable, not locked
+    expect(await readFile(runtime.criuConfig, "utf8")).toMatch(/^network-lock skip$/m);
+    expect(await readFile(runtime.criuConfig, "utf8")).toMatch(/^action-script \/.*\/criu-network\.sh$/m);
     await runtime.deleteCheckpoint(cp.checkpointId);
   });
 

@@ -1,2 +1,3 @@
 export * from "./ovs.js";
 export * from "./netns.js";
+export * from "./lock.js";

@@ -2,22 +2,8 @@ import { createHash } from "node:crypto";
 import { access, readdir } from "node:fs/promises";
 import type { TcpConnection } from "@ferry/api/agent";
 import { ExecError, FerryError, exec, macFromIp, parseIpv4Cidr, validateIpv4, validateMac, validateName } from "@ferry/common";
+import { isNetnsLocked, lockNetns, unlockNetns } from "./lock.js";
 import type { OvsApi } from "./ovs.js";
-
-/**
- * CRIU 4.2.1's network lock, byte for byte (criu/net.c `iptables_network_lock_internal`, read off
- * the installed binary with `strings`). CRIU installs it at dump inside the container's network
- * namespace, and at restore runs {@link CRIU_UNLOCK_JUMPS} then {@link CRIU_UNLOCK_CHAIN} there
- * (`iptables-restore -w --noflush`, and ip6tables-restore when the kernel has IPv6). A
- * destination namespace must carry the same lock so that the restore's unlock succeeds and so
- * that client retransmissions meet a DROP (retry later) instead of a closed port (RST).
- */
-export const CRIU_LOCK_RULES =
-  "*filter\n:CRIU - [0:0]\n-I INPUT -j CRIU\n-I OUTPUT -j CRIU\n-A CRIU -m mark --mark 0xC114 -j ACCEPT\n-A CRIU -j DROP\nCOMMIT\n";
-/** First half of CRIU's unlock: remove the jumps (CRIU repeats it while `iptables -C INPUT -j CRIU` still matches). */
-export const CRIU_UNLOCK_JUMPS = "*filter\n:CRIU - [0:0]\n-D INPUT -j CRIU\n-D OUTPUT -j CRIU\nCOMMIT\n";
-/** Second half of CRIU's unlock: remove the chain. */
-export const CRIU_UNLOCK_CHAIN = "*filter\n:CRIU - [0:0]\n-X CRIU\nCOMMIT\n";
 
 export interface NetNsConfig {
   /** Namespace name prefix: "ferry-" gives /run/netns/ferry-<container>. */
@@ -191,7 +177,7 @@ export class NetNs implements NetNsApi {
       // The lock goes in before any link exists: a client retransmission that reached an
       // unlocked namespace would meet no socket and get a RST (seen: one run in three).
       // A namespace this new has no rules to look at first.
-      if (lock) await this.restore(container, CRIU_LOCK_RULES);
+      if (lock) await lockNetns(path);
       const got = this.link === "tap" ? await this.attachTap(name, port, ofport) : await this.attachVeth(name, port, ofport);
       const cmds = [
         ...(this.link === "tap" ? [`link set ${port} name eth0`] : []),
@@ -268,30 +254,20 @@ export class NetNs implements NetNsApi {
     return out;
   }
 
-  async isLocked(container: string): Promise<boolean> {
-    const r = await exec("nsenter", [`--net=${this.path(container)}`, "iptables-save", "-t", "filter"]);
-    return /^-A INPUT -j CRIU$/m.test(r.stdout);
+  isLocked(container: string): Promise<boolean> {
+    return isNetnsLocked(this.path(container));
   }
 
-  /** Install CRIU's network lock (idempotent): everything but SOCCR-marked packets is dropped. */
+  /** Install the network lock (idempotent; see ./lock.ts): everything but CRIU's marked packets is dropped. */
   async lock(container: string): Promise<void> {
     if (!(await this.exists(container))) throw FerryError.notFound("network namespace", this.nsName(container), "create it first");
     if (await this.isLocked(container)) return;
-    await this.restore(container, CRIU_LOCK_RULES);
+    await lockNetns(this.path(container));
   }
 
-  /** Remove the lock exactly as CRIU's restore does (jumps, then the chain); a no-op when unlocked. */
-  async unlock(container: string): Promise<void> {
-    if (!(await this.isLocked(container))) return;
-    for (let i = 0; i < 3 && (await this.isLocked(container)); i++) await this.restore(container, CRIU_UNLOCK_JUMPS);
-    await this.restore(container, CRIU_UNLOCK_CHAIN);
-  }
-
-  private async restore(container: string, rules: string): Promise<void> {
-    const ns = `--net=${this.path(container)}`;
-    await exec("nsenter", [ns, "iptables-restore", "-w", "--noflush"], { input: rules });
-    // CRIU applies the same text to ip6tables when the kernel has IPv6 (kdat.ipv6).
-    if (await hasIpv6()) await exec("nsenter", [ns, "ip6tables-restore", "-w", "--noflush"], { input: rules });
+  /** Remove the lock (see ./lock.ts); a no-op when unlocked. */
+  unlock(container: string): Promise<void> {
+    return unlockNetns(this.path(container));
   }
 
   /**
@@ -331,13 +307,4 @@ async function addressesOf(ns: string): Promise<string[]> {
   const r = await exec("ip", ["-n", ns, "-j", "-4", "addr", "show"]);
   const links = JSON.parse(r.stdout || "[]") as Array<{ addr_info?: Array<{ local: string }> }>;
   return links.flatMap((l) => (l.addr_info ?? []).map((a) => a.local));
-}
-
-let ipv6: Promise<boolean> | undefined;
-function hasIpv6(): Promise<boolean> {
-  ipv6 ??= access("/proc/net/if_inet6").then(
-    () => true,
-    () => false,
-  );
-  return ipv6;
 }

@@ -1,7 +1,8 @@
 import { describe, expect, it } from "vitest";
 import { isFerryError } from "@ferry/common";
 import { flowLine, parseDumpFlows, setFlowsFile, validateFlow } from "./ovs.js";
-import { CRIU_LOCK_RULES, CRIU_UNLOCK_CHAIN, CRIU_UNLOCK_JUMPS, portNameFor } from "./netns.js";
+import { CRIU_LOCK_RULES, CRIU_UNLOCK_CHAIN, CRIU_UNLOCK_JUMPS, UNLOCK_RULES } from "./lock.js";
+import { portNameFor } from "./netns.js";
 
 const flow = { table: 0, priority: 100, cookie: 0xfe0a4d000a, match: "ip,nw_dst=10.77.0.10", actions: "output:5" };
 
@@ -76,5 +77,7 @@ describe("netns constants", () => {
     );
     expect(CRIU_UNLOCK_JUMPS).toContain("-D INPUT -j CRIU\n-D OUTPUT -j CRIU\n");
     expect(CRIU_UNLOCK_CHAIN).toContain("-X CRIU\n");
+    // Ferry's unlock: both of CRIU's halves in one transaction
+    expect(UNLOCK_RULES).toBe("*filter\n:CRIU - [0:0]\n-D INPUT -j CRIU\n-D OUTPUT -j CRIU\n-X CRIU\nCOMMIT\n");
   });
 });

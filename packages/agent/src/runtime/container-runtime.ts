@@ -4,6 +4,7 @@ import { access, mkdir, open, readdir, readFile, rename, rm, stat, writeFile, ls
 import path from "node:path";
 import { ContainerState, type ContainerInfo, type ContainerSpec, type TcpConnection } from "@ferry/api/agent";
 import { exec, ExecError, FerryError, type Logger, silentLogger, validateName } from "@ferry/common";
+import { CRIU_NETWORK_SCRIPT } from "../net/lock.js";
 import type { CriuApi } from "./criu.js";
 import type { DumpStats, RestoreStats } from "./criu-stats.js";
 import { KeyedMutex } from "./keyed-mutex.js";
@@ -149,6 +150,9 @@ export class ContainerRuntime {
   private readonly log: Logger;
   private readonly agentId: string;
   private readonly locks = new KeyedMutex();
+  /** CRIU's configuration for this agent's containers (stateDir/criu.conf): see {@link writeCriuConfig}. */
+  readonly criuConfig: string;
+  private criuConfigWritten: Promise<void> | undefined;
 
   constructor(cfg: ContainerRuntimeConfig) {
     if (!path.isAbsolute(cfg.stateDir) || !SAFE_PATH.test(cfg.stateDir)) {
@@ -159,6 +163,7 @@ export class ContainerRuntime {
       );
     }
     this.stateDir = cfg.stateDir;
+    this.criuConfig = path.join(cfg.stateDir, "criu.conf");
     this.runc = cfg.runc;
     this.criu = cfg.criu;
     this.log = (cfg.log ?? silentLogger).child({ module: "runtime" });
@@ -785,8 +790,37 @@ export class ContainerRuntime {
         });
       });
     }
-    const config = buildOciConfig(rec.spec, { netnsPath: rec.netnsPath, cgroupsPath: this.cgroupsPath(name) });
+    await this.writeCriuConfig();
+    const config = buildOciConfig(rec.spec, { netnsPath: rec.netnsPath, cgroupsPath: this.cgroupsPath(name), criuConfig: this.criuConfig });
     await writeFile(path.join(this.bundle(name), "config.json"), JSON.stringify(config, null, 2));
+  }
+
+  /**
+   * The CRIU configuration every container's bundle names (runc hands it to CRIU on checkpoint and
+   * restore): CRIU's network lock is Ferry's script (net/lock.ts), which CRIU runs where it would
+   * lock and unlock. Written once per process, before the first bundle that names it.
+   */
+  private writeCriuConfig(): Promise<void> {
+    const script = path.join(this.stateDir, "criu-network.sh");
+    this.criuConfigWritten ??= (async () => {
+      await mkdir(this.stateDir, { recursive: true });
+      // write-then-rename: a CRIU of another agent process may be reading them
+      const put = async (p: string, text: string, mode: number): Promise<void> => {
+        await writeFile(`${p}.tmp`, text, { mode });
+        await rename(`${p}.tmp`, p);
+      };
+      await put(script, CRIU_NETWORK_SCRIPT, 0o755);
+      await put(
+        this.criuConfig,
+        "# Written by ferry-agent; runc passes it to CRIU (the org.criu.config annotation of every container).\n" +
+          `network-lock skip\naction-script ${script}\n`,
+        0o644,
+      );
+    })().catch((e: unknown) => {
+      this.criuConfigWritten = undefined;
+      throw e;
+    });
+    return this.criuConfigWritten;
   }
 
   private async launch(rec: ContainerRecord, how: "create"): Promise<void> {

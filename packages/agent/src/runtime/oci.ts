@@ -8,7 +8,12 @@ export interface OciOptions {
   cgroupsPath: string;
   /** Rootfs directory, relative to the bundle. */
   rootfs?: string;
+  /** CRIU's configuration file for this container: runc hands it to CRIU on checkpoint and restore. */
+  criuConfig?: string;
 }
+
+/** The annotation by which runc (1.0 and later) gives CRIU a container's own configuration file. */
+export const CRIU_CONFIG_ANNOTATION = "org.criu.config";
 
 const CFS_PERIOD_US = 100_000;
 const DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -33,6 +38,7 @@ export function buildOciConfig(spec: ContainerSpec, opts: OciOptions): Record<st
   if (spec.memoryLimitBytes > 0) resources.memory = { limit: spec.memoryLimitBytes };
   return {
     ociVersion: "1.0.2",
+    ...(opts.criuConfig ? { annotations: { [CRIU_CONFIG_ANNOTATION]: opts.criuConfig } } : {}),
     process: {
       terminal: false,
       user: { uid: 0, gid: 0 },

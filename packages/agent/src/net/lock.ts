@@ -1,0 +1,126 @@
+// The network lock of a container's namespace: while it holds, everything but CRIU's own marked
+// packets is dropped, so a client's segments meet neither a socket being dumped (whose state
+// would then move on without the checkpoint) nor an empty namespace (a RST), and are sent again
+// once the container runs where the path leads.
+//
+// CRIU's own iptables lock costs a restore 8 iptables-restore processes, one after another, and
+// each removal waits for the kernel's RCU grace period (10-20 ms here, the CPU idle): ~100 ms
+// of every downtime. Ferry's containers tell CRIU to skip it and to run {@link CRIU_NETWORK_SCRIPT}
+// instead, where CRIU would lock and unlock (runtime/container-runtime.ts, criu.conf): the same
+// rules, at the same moments (the unlock before the restored sockets leave repair mode and send
+// their window probes), one transaction per address family, both families at once. The agent
+// locks a destination's namespace with the same rules (NetNs.create) until the restore unlocks it.
+import { access } from "node:fs/promises";
+import { exec } from "@ferry/common";
+
+/**
+ * CRIU 4.2.1's network lock, byte for byte (criu/net.c `iptables_network_lock_internal`, read off
+ * the installed binary with `strings`), so that a lock made by either (a container dumped by an
+ * agent of an older version, whose CRIU still locked) is removed by both.
+ */
+export const CRIU_LOCK_RULES =
+  "*filter\n:CRIU - [0:0]\n-I INPUT -j CRIU\n-I OUTPUT -j CRIU\n-A CRIU -m mark --mark 0xC114 -j ACCEPT\n-A CRIU -j DROP\nCOMMIT\n";
+/** First half of CRIU's unlock: remove the jumps (CRIU repeats it while `iptables -C INPUT -j CRIU` still matches). */
+export const CRIU_UNLOCK_JUMPS = "*filter\n:CRIU - [0:0]\n-D INPUT -j CRIU\n-D OUTPUT -j CRIU\nCOMMIT\n";
+/** Second half of CRIU's unlock: remove the chain. */
+export const CRIU_UNLOCK_CHAIN = "*filter\n:CRIU - [0:0]\n-X CRIU\nCOMMIT\n";
+/** Both halves in one transaction: all or nothing (it fails, changing nothing, on an unlocked or twice-locked namespace). */
+export const UNLOCK_RULES = "*filter\n:CRIU - [0:0]\n-D INPUT -j CRIU\n-D OUTPUT -j CRIU\n-X CRIU\nCOMMIT\n";
+
+interface Family {
+  restore: string;
+  save: string;
+}
+const V4: Family = { restore: "iptables-restore", save: "iptables-save" };
+const V6: Family = { restore: "ip6tables-restore", save: "ip6tables-save" };
+
+let ipv6: Promise<boolean> | undefined;
+/** CRIU locks IPv6 too when the kernel has it (kdat.ipv6), and so does Ferry. */
+function families(): Promise<Family[]> {
+  ipv6 ??= access("/proc/net/if_inet6").then(
+    () => true,
+    () => false,
+  );
+  return ipv6.then((v6) => (v6 ? [V4, V6] : [V4]));
+}
+
+async function apply(netnsPath: string, f: Family, rules: string): Promise<void> {
+  await exec("nsenter", [`--net=${netnsPath}`, f.restore, "-w", "--noflush"], { input: rules });
+}
+
+async function lockState(netnsPath: string, f: Family): Promise<{ jumps: number; chain: boolean }> {
+  const { stdout } = await exec("nsenter", [`--net=${netnsPath}`, f.save, "-t", "filter"]);
+  return { jumps: stdout.match(/^-A INPUT -j CRIU$/gm)?.length ?? 0, chain: /^:CRIU /m.test(stdout) };
+}
+
+/** Install the lock (both families at once). Not idempotent: a second lock adds a second jump, which {@link unlockNetns} removes too. */
+export async function lockNetns(netnsPath: string): Promise<void> {
+  await Promise.all((await families()).map((f) => apply(netnsPath, f, CRIU_LOCK_RULES)));
+}
+
+/**
+ * Remove the lock: one transaction per family, both at once. A family where it fails (never
+ * locked, locked twice, half removed) is looked at and taken apart step by step, as CRIU does.
+ */
+export async function unlockNetns(netnsPath: string): Promise<void> {
+  await Promise.all(
+    (await families()).map(async (f) => {
+      const removed = await apply(netnsPath, f, UNLOCK_RULES).then(
+        () => true,
+        () => false,
+      );
+      if (removed) return;
+      let st = await lockState(netnsPath, f);
+      for (let i = 0; i < 3 && st.jumps > 0; i++) {
+        await apply(netnsPath, f, CRIU_UNLOCK_JUMPS);
+        st = await lockState(netnsPath, f);
+      }
+      if (st.chain) await apply(netnsPath, f, CRIU_UNLOCK_CHAIN);
+    }),
+  );
+}
+
+/** Whether the namespace's IPv4 traffic is locked. */
+export async function isNetnsLocked(netnsPath: string): Promise<boolean> {
+  return (await lockState(netnsPath, V4)).jumps > 0;
+}
+
+/**
+ * CRIU's action script for Ferry's containers (criu.conf `action-script`), run by CRIU with
+ * CRTOOLS_SCRIPT_ACTION and CRTOOLS_INIT_PID (the container's init, in its namespace). A failure
+ * fails the dump or restore, as CRIU's own lock would.
+ */
+export const CRIU_NETWORK_SCRIPT = `#!/bin/sh
+# Written by ferry-agent (net/lock.ts). CRIU runs it at each action of a dump or restore of a Ferry
+# container, and it does what CRIU's iptables network lock would: the same rules, one transaction
+# per address family, both families at once.
+case "$CRTOOLS_SCRIPT_ACTION" in
+network-lock | network-unlock) ;;
+*) exit 0 ;;
+esac
+PATH=/usr/sbin:/usr/bin:/sbin:/bin:$PATH
+net="--net=/proc/\${CRTOOLS_INIT_PID:?CRIU did not say which process}/ns/net"
+LOCK='${CRIU_LOCK_RULES}'
+UNLOCK='${UNLOCK_RULES}'
+JUMPS='${CRIU_UNLOCK_JUMPS}'
+CHAIN='${CRIU_UNLOCK_CHAIN}'
+apply() { printf '%s' "$2" | nsenter "$net" "$1-restore" -w --noflush; }
+lock() { apply "$1" "$LOCK"; }
+unlock() {
+  apply "$1" "$UNLOCK" 2>/dev/null && return 0
+  # not locked, locked twice, or half unlocked: CRIU's own steps
+  i=0
+  while [ $i -lt 3 ] && nsenter "$net" "$1" -w -C INPUT -j CRIU 2>/dev/null; do
+    apply "$1" "$JUMPS" || return 1
+    i=$((i + 1))
+  done
+  ! nsenter "$net" "$1" -w -n -L CRIU >/dev/null 2>&1 || apply "$1" "$CHAIN"
+}
+do=\${CRTOOLS_SCRIPT_ACTION#network-}
+$do iptables &
+v4=$!
+status=0
+if [ -e /proc/net/if_inet6 ]; then $do ip6tables || status=1; fi
+wait $v4 || status=1
+exit $status
+`;
