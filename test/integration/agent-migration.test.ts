@@ -7,6 +7,8 @@
  * restore that fails on purpose (the source restores), and bad input.
  */
 import { spawn, type ChildProcess } from "node:child_process";
+import { readdir } from "node:fs/promises";
+import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ContainerState, type ContainerSpec } from "@ferry/api/agent";
 import type { FerryError } from "@ferry/common";
@@ -136,6 +138,15 @@ describe("live migration between two agents", () => {
     const { container } = await bed.edges.get(where)!.client.inspectContainer({ name: "echo" });
     expect(container!.state).toBe(ContainerState.CONTAINER_STATE_RUNNING);
     await removeEverywhere("echo");
+    // Nothing of the 10 checkpoints is left on either host: each source deleted its own dump,
+    // each destination the copy it restored from.
+    for (const h of bed.edges.keys()) {
+      const left = await readdir(path.join(bed.work, h, "checkpoints")).catch(() => [] as string[]);
+      expect(
+        left.filter((d) => d.startsWith("echo-")),
+        h,
+      ).toEqual([]);
+    }
   }, 240_000);
 
   it("migrates with the memory pages dumped straight into the destination's page server", async () => {

@@ -290,10 +290,14 @@ export async function createAgent(cfg: AgentConfig): Promise<Agent> {
         : await store.resolveImage(spec.image, "spec.image");
       const lowerDir = await store.lowerDir(digest);
       let checkpointDir: string;
+      // A checkpoint made here from what a migration brought, used once: deleted once restored
+      // (kept when the restore fails: its restore.log says why).
+      let consumed: string | undefined;
       if (req.checkpointBlob?.digest && req.checkpointId) {
         // The pages came straight from the source's dump through a page server into this
         // checkpoint; the blob holds the rest of the images.
         checkpointDir = await runtime.mergeCheckpoint(req.checkpointId, await store.pathOf(req.checkpointBlob.digest));
+        consumed = req.checkpointId;
         if (req.upperBlob?.digest) await runtime.unpackUpper(spec.name, await store.pathOf(req.upperBlob.digest));
       } else if (req.checkpointBlob?.digest) {
         // Blobs are tars: unpack straight from the store's file.
@@ -301,6 +305,7 @@ export async function createAgent(cfg: AgentConfig): Promise<Agent> {
         // A retried restore unpacks again: a half-unpacked directory must not be restored from.
         await runtime.deleteCheckpoint(id).catch(() => undefined);
         checkpointDir = await runtime.unpackCheckpoint(id, await store.pathOf(req.checkpointBlob.digest));
+        consumed = id;
         if (req.upperBlob?.digest) await runtime.unpackUpper(spec.name, await store.pathOf(req.upperBlob.digest));
       } else if (req.checkpointId) {
         checkpointDir = runtime.checkpointDir(req.checkpointId);
@@ -319,6 +324,7 @@ export async function createAgent(cfg: AgentConfig): Promise<Agent> {
         tcpEstablished: req.tcpEstablished,
         imageDigest: digest,
       });
+      if (consumed) await runtime.deleteCheckpoint(consumed);
       return {
         container: await withOfport(r.container),
         stats: { unpackMs, restoreMs: r.stats.restoreMs, forkingMs: r.stats.forkingMs, totalMs: Math.round(performance.now() - started) },
