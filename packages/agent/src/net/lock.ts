@@ -10,7 +10,6 @@
 // rules, at the same moments (the unlock before the restored sockets leave repair mode and send
 // their window probes), one transaction per address family, both families at once. The agent
 // locks a destination's namespace with the same rules (NetNs.create) until the restore unlocks it.
-import { access } from "node:fs/promises";
 import { exec } from "@ferry/common";
 
 /**
@@ -27,68 +26,40 @@ export const CRIU_UNLOCK_CHAIN = "*filter\n:CRIU - [0:0]\n-X CRIU\nCOMMIT\n";
 /** Both halves in one transaction: all or nothing (it fails, changing nothing, on an unlocked or twice-locked namespace). */
 export const UNLOCK_RULES = "*filter\n:CRIU - [0:0]\n-D INPUT -j CRIU\n-D OUTPUT -j CRIU\n-X CRIU\nCOMMIT\n";
 
-interface Family {
-  restore: string;
-  save: string;
-}
-const V4: Family = { restore: "iptables-restore", save: "iptables-save" };
-const V6: Family = { restore: "ip6tables-restore", save: "ip6tables-save" };
-
-let ipv6: Promise<boolean> | undefined;
-/** CRIU locks IPv6 too when the kernel has it (kdat.ipv6), and so does Ferry. */
-function families(): Promise<Family[]> {
-  ipv6 ??= access("/proc/net/if_inet6").then(
-    () => true,
-    () => false,
-  );
-  return ipv6.then((v6) => (v6 ? [V4, V6] : [V4]));
-}
-
-async function apply(netnsPath: string, f: Family, rules: string): Promise<void> {
-  await exec("nsenter", [`--net=${netnsPath}`, f.restore, "-w", "--noflush"], { input: rules });
-}
-
-async function lockState(netnsPath: string, f: Family): Promise<{ jumps: number; chain: boolean }> {
-  const { stdout } = await exec("nsenter", [`--net=${netnsPath}`, f.save, "-t", "filter"]);
-  return { jumps: stdout.match(/^-A INPUT -j CRIU$/gm)?.length ?? 0, chain: /^:CRIU /m.test(stdout) };
+/**
+ * Run {@link CRIU_NETWORK_SCRIPT} on a namespace by path, as CRIU runs it on a container's: the
+ * agent's own lock and unlock are the same code.
+ */
+async function runScript(action: "network-lock" | "network-unlock", netnsPath: string): Promise<void> {
+  await exec("sh", ["-c", CRIU_NETWORK_SCRIPT, "ferry-network-lock"], {
+    env: { ...process.env, CRTOOLS_SCRIPT_ACTION: action, FERRY_NETNS: netnsPath },
+  });
 }
 
 /** Install the lock (both families at once). Not idempotent: a second lock adds a second jump, which {@link unlockNetns} removes too. */
-export async function lockNetns(netnsPath: string): Promise<void> {
-  await Promise.all((await families()).map((f) => apply(netnsPath, f, CRIU_LOCK_RULES)));
+export function lockNetns(netnsPath: string): Promise<void> {
+  return runScript("network-lock", netnsPath);
 }
 
 /**
  * Remove the lock: one transaction per family, both at once. A family where it fails (never
- * locked, locked twice, half removed) is looked at and taken apart step by step, as CRIU does.
+ * locked, locked twice, half removed) is taken apart step by step, as CRIU does.
  */
-export async function unlockNetns(netnsPath: string): Promise<void> {
-  await Promise.all(
-    (await families()).map(async (f) => {
-      const removed = await apply(netnsPath, f, UNLOCK_RULES).then(
-        () => true,
-        () => false,
-      );
-      if (removed) return;
-      let st = await lockState(netnsPath, f);
-      for (let i = 0; i < 3 && st.jumps > 0; i++) {
-        await apply(netnsPath, f, CRIU_UNLOCK_JUMPS);
-        st = await lockState(netnsPath, f);
-      }
-      if (st.chain) await apply(netnsPath, f, CRIU_UNLOCK_CHAIN);
-    }),
-  );
+export function unlockNetns(netnsPath: string): Promise<void> {
+  return runScript("network-unlock", netnsPath);
 }
 
 /** Whether the namespace's IPv4 traffic is locked. */
 export async function isNetnsLocked(netnsPath: string): Promise<boolean> {
-  return (await lockState(netnsPath, V4)).jumps > 0;
+  const { stdout } = await exec("nsenter", [`--net=${netnsPath}`, "iptables-save", "-t", "filter"]);
+  return /^-A INPUT -j CRIU$/m.test(stdout);
 }
 
 /**
  * CRIU's action script for Ferry's containers (criu.conf `action-script`), run by CRIU with
- * CRTOOLS_SCRIPT_ACTION and CRTOOLS_INIT_PID (the container's init, in its namespace). A failure
- * fails the dump or restore, as CRIU's own lock would.
+ * CRTOOLS_SCRIPT_ACTION and CRTOOLS_INIT_PID (the container's init, in its namespace), and by the
+ * agent with FERRY_NETNS (a namespace's path) instead. A failure fails the dump or restore, as
+ * CRIU's own lock would.
  */
 export const CRIU_NETWORK_SCRIPT = `#!/bin/sh
 # Written by ferry-agent (net/lock.ts). CRIU runs it at each action of a dump or restore of a Ferry
@@ -99,7 +70,7 @@ network-lock | network-unlock) ;;
 *) exit 0 ;;
 esac
 PATH=/usr/sbin:/usr/bin:/sbin:/bin:$PATH
-net="--net=/proc/\${CRTOOLS_INIT_PID:?CRIU did not say which process}/ns/net"
+net="--net=\${FERRY_NETNS:-/proc/\${CRTOOLS_INIT_PID:?CRIU did not say which process}/ns/net}"
 LOCK='${CRIU_LOCK_RULES}'
 UNLOCK='${UNLOCK_RULES}'
 JUMPS='${CRIU_UNLOCK_JUMPS}'
