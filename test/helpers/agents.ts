@@ -162,6 +162,9 @@ export interface MigrationTimes {
   restoreMs: number;
   downtimeMs: number;
   imageBytes: number;
+  /** The checkpoint and upper blobs the destination pulled, and whether its restore deleted them. */
+  pulled: string[];
+  blobsDeleted: boolean;
 }
 
 /**
@@ -236,7 +239,7 @@ export async function migrateViaAgents(
   ]);
   const transferMs = performance.now() - t2;
   const t3 = performance.now();
-  await dst.client.restore({
+  const restored = await dst.client.restore({
     operationKey: `${key}/restore`,
     spec: cp.spec,
     checkpointBlob: ex!.checkpoint,
@@ -244,6 +247,7 @@ export async function migrateViaAgents(
     tcpEstablished: true,
     imageDigest: cp.imageDigest,
     ...(ps ? { checkpointId: `ps-${key}` } : {}),
+    deleteBlobs: true,
   });
   const restoreMs = performance.now() - t3;
   const downtimeMs = performance.now() - t1;
@@ -262,6 +266,8 @@ export async function migrateViaAgents(
     restoreMs,
     downtimeMs,
     imageBytes: (ex!.checkpoint?.sizeBytes ?? 0) + (ex!.upper?.sizeBytes ?? 0),
+    pulled: [ex!.checkpoint!.digest, ex!.upper!.digest],
+    blobsDeleted: restored.blobsDeleted,
   };
 }
 

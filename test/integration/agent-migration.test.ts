@@ -101,7 +101,11 @@ describe("live migration between two agents", () => {
     let where = "edge-a";
     for (let i = 0; i < 10; i++) {
       const to = where === "edge-a" ? "edge-b" : "edge-a";
-      times.push(await migrateViaAgents(bed, spec, where, to, `echo-${i}`));
+      const t = await migrateViaAgents(bed, spec, where, to, `echo-${i}`);
+      times.push(t);
+      // The destination's restore deleted the blobs it was made from.
+      expect(t.blobsDeleted).toBe(true);
+      expect((await bed.edges.get(to)!.client.hasBlobs({ digests: t.pulled })).missing).toEqual(t.pulled);
       where = to;
       // Let the stream run between moves: each round checks bytes that crossed a migration.
       await new Promise((r) => setTimeout(r, 400));

@@ -324,10 +324,26 @@ export async function createAgent(cfg: AgentConfig): Promise<Agent> {
         tcpEstablished: req.tcpEstablished,
         imageDigest: digest,
       });
-      if (consumed) await runtime.deleteCheckpoint(consumed);
+      // What the restore was made from is not needed again: deleted now, all at once. A deletion
+      // that fails is logged, not the restore's failure (the container runs).
+      const deleted = (what: string, del: () => Promise<unknown>): Promise<boolean> =>
+        del().then(
+          () => true,
+          (e: unknown) => {
+            if (isFerryError(e, "NotFound")) return true;
+            log.warn({ err: e, container: spec.name, what }, "restored-from data not deleted");
+            return false;
+          },
+        );
+      const blobs = req.deleteBlobs ? [req.checkpointBlob?.digest, req.upperBlob?.digest].filter((d): d is string => !!d) : [];
+      const [, ...blobsGone] = await Promise.all([
+        consumed ? deleted(consumed, () => runtime.deleteCheckpoint(consumed)) : true,
+        ...blobs.map((d) => deleted(d, () => store.delete(d))),
+      ]);
       return {
         container: await withOfport(r.container),
         stats: { unpackMs, restoreMs: r.stats.restoreMs, forkingMs: r.stats.forkingMs, totalMs: Math.round(performance.now() - started) },
+        blobsDeleted: blobs.length > 0 && blobsGone.every(Boolean),
       };
     },
     deleteCheckpoint: async (req) => {

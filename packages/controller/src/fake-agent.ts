@@ -70,6 +70,8 @@ export class FakeAgent {
   readonly methodLatency = new Map<string, number>();
   /** All calls fail Unavailable (the agent is down). */
   down = false;
+  /** Restore ignores delete_blobs, as an agent from before it did. */
+  restoreKeepsBlobs = false;
   capabilities: GetCapabilitiesResponse;
   capacity: Capacity = { cpuCores: 4, memoryBytes: 8 * GiB, diskBytes: 100 * GiB };
   /** Host-wide use apart from the containers. */
@@ -423,7 +425,9 @@ export class FakeAgent {
             checkpointId: "",
           });
           this.containers.set(name, info);
-          return { container: clone(info), stats: { unpackMs: 3, restoreMs: 15, forkingMs: 2, totalMs: 20 } };
+          const blobsDeleted = r.deleteBlobs && !r.checkpointId && !this.restoreKeepsBlobs;
+          if (blobsDeleted) for (const b of [r.checkpointBlob, r.upperBlob]) this.blobs.delete(b!.digest);
+          return { container: clone(info), stats: { unpackMs: 3, restoreMs: 15, forkingMs: 2, totalMs: 20 }, blobsDeleted };
         }),
       deleteCheckpoint: (req) => {
         this.checkpoints.delete(String(req["checkpointId"]));

@@ -56,6 +56,11 @@ describe("a migration", () => {
     expect(m.error).toBe("");
     expectOnlyOn(c, "web", "10.77.0.10", "edge-b");
     expect(c.agent("edge-a").checkpoints.size).toBe(0);
+    // The destination's restore deleted the blobs it was made from: cleanup-source asked only the source.
+    const restores = c.agent("edge-b").callsOf("restore");
+    expect(restores.map((r) => r["deleteBlobs"])).toEqual([true]);
+    expect(c.agent("edge-b").callsOf("deleteBlob")).toEqual([]);
+    expect(c.agent("edge-a").callsOf("deleteBlob")).toHaveLength(2);
 
     const saved = (await c.ctl.journal.get(m.id))!;
     expect(saved.steps.map((s) => s.name)).toEqual([
@@ -159,6 +164,16 @@ describe("a migration", () => {
     expect(m.steps.find((s) => s.name === "prepare-netns")!.attempts).toBe(2);
     // The agent did the dump but the answer was lost: the retry is answered from its record, not dumped twice.
     expect(m.steps.find((s) => s.name === "checkpoint")!.attempts).toBe(2);
+    expectOnlyOn(c, "web", "10.77.0.10", "edge-b");
+  });
+
+  it("a destination whose agent keeps the blobs after a restore (an older agent) gets them deleted by cleanup-source", async () => {
+    const c = await cluster();
+    await c.run("web", "edge-a", 10);
+    c.agent("edge-b").restoreKeepsBlobs = true;
+    const m = await c.wait((await c.ctl.migrations.start(req("web", "edge-b"))).id);
+    expect(m.state, m.error).toBe(MigrationState.MIGRATION_STATE_SUCCEEDED);
+    expect(c.agent("edge-b").callsOf("deleteBlob")).toHaveLength(2);
     expectOnlyOn(c, "web", "10.77.0.10", "edge-b");
   });
 

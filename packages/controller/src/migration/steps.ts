@@ -44,6 +44,8 @@ export interface MigrationOutputs {
   connections?: TcpConnection[];
   checkpointBlob?: BlobRef;
   upperBlob?: BlobRef;
+  /** The destination's restore deleted the pulled blobs (older agents leave them to cleanup-source). */
+  destBlobsDeleted?: boolean;
 }
 
 export interface MigrationCtx {
@@ -379,9 +381,12 @@ const restore: Step<MigrationCtx> = {
         upperBlob: need(ctx.out.upperBlob, "upper blob"),
         tcpEstablished: true,
         imageDigest: need(ctx.out.imageDigest, "image digest"),
+        // Used once: the destination deletes them itself, sparing cleanup-source two calls to it.
+        deleteBlobs: true,
       },
       agentOpts(io, ctx.dest),
     );
+    ctx.out.destBlobsDeleted = r.blobsDeleted;
     if (r.stats) {
       io.detail("criu_restore_ms", r.stats.restoreMs);
       io.detail("unpack_ms", r.stats.unpackMs);
@@ -403,7 +408,7 @@ const cleanupSource: Step<MigrationCtx> = {
   retry: retry(6),
   async run(ctx, io) {
     // Independent deletions, all at once; the transfer's blobs served their purpose (the
-    // destination unpacked them).
+    // destination unpacked them, and deleted its copies unless its agent predates that).
     await inParallel(io, [
       [
         ctx.source,
@@ -424,7 +429,7 @@ const cleanupSource: Step<MigrationCtx> = {
           ]
         : []),
       ...blobDeletions(ctx, io, "source"),
-      ...blobDeletions(ctx, io, "dest"),
+      ...(ctx.out.destBlobsDeleted ? [] : blobDeletions(ctx, io, "dest")),
     ]);
   },
 };
