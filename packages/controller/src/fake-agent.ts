@@ -341,6 +341,11 @@ export class FakeAgent {
         return { complete: !!b, receivedBytes: b?.sizeBytes ?? 0 };
       },
       pullBlob: (req, signal) => this.pullStream(api.PullBlobRequest.fromPartial(req), signal),
+      connectPeer: (req) => {
+        const peer = this.net.byAddress(String(req["address"]));
+        if (peer.down) throw new FerryError("Unavailable", `peer agent ${peer.address} not reached`);
+        return { connectMs: 0 };
+      },
       tagImage: (req) => {
         const digest = String(req["digest"]);
         const b = this.blobs.get(digest);

@@ -61,6 +61,9 @@ describe("a migration", () => {
     expect(restores.map((r) => r["deleteBlobs"])).toEqual([true]);
     expect(c.agent("edge-b").callsOf("deleteBlob")).toEqual([]);
     expect(c.agent("edge-a").callsOf("deleteBlob")).toHaveLength(2);
+    // Before the freeze, the destination connected its channel to the source.
+    const connects = c.agent("edge-b").callsOf("connectPeer");
+    expect(connects.map((r) => r["address"])).toEqual([c.agent("edge-a").address]);
 
     const saved = (await c.ctl.journal.get(m.id))!;
     expect(saved.steps.map((s) => s.name)).toEqual([
@@ -264,6 +267,18 @@ describe("a migration", () => {
     );
     expect(m.state).toBe(MigrationState.MIGRATION_STATE_SUCCEEDED);
     expect(m.strategy).toBe(AdmissionStrategy.ADMISSION_STRATEGY_LIVE);
+  });
+
+  it("a destination that cannot reach its source fails the migration before the freeze", async () => {
+    const c = await cluster();
+    await c.run("web", "edge-a", 10);
+    c.agent("edge-b").fail("connectPeer", { code: "Unavailable", times: Infinity });
+    const m = await c.wait((await c.ctl.migrations.start(req("web", "edge-b"))).id);
+    c.agent("edge-b").clearFailpoints();
+    expect(m.state, m.error).toBe(MigrationState.MIGRATION_STATE_ROLLED_BACK);
+    expect(m.error).toContain('step "prepare-image" failed');
+    expect(c.agent("edge-a").callsOf("checkpoint")).toEqual([]);
+    expectOnlyOn(c, "web", "10.77.0.10", "edge-a");
   });
 
   it("refuses a capability mismatch before any freeze", async () => {

@@ -266,6 +266,20 @@ describe("store service over gRPC", () => {
     expect((await readFile(blobFile(a, ref.digest))).equals(data)).toBe(true);
   });
 
+  it("connects to a peer ahead of a pull, and says Unavailable, naming the address, for one it cannot reach", async () => {
+    const c = await startAgent();
+    const first = await c.client.connectPeer({ address: a.address, serverName: "" });
+    expect(first.connectMs).toBeGreaterThan(0);
+    // The pulls use the same channel: already connected.
+    expect((await c.client.connectPeer({ address: a.address, serverName: "" })).connectMs).toBe(0);
+    const started = performance.now();
+    const err = await rejection(c.client.connectPeer({ address: "127.0.0.1:1", serverName: "", timeoutMs: 300 }));
+    expect(err.code).toBe("Unavailable");
+    expect(err.message).toContain("127.0.0.1:1 not reached in 300 ms");
+    expect(performance.now() - started).toBeLessThan(3000);
+    expect((await rejection(c.client.connectPeer({ address: "" }))).code).toBe("InvalidArgument");
+  });
+
   it("answers NotFound for an unknown digest", async () => {
     const unknown = `sha256:${"ab".repeat(32)}`;
     const read = async (): Promise<void> => {

@@ -1,4 +1,4 @@
-import type { ChannelOptions } from "@grpc/grpc-js";
+import { connectivityState, type ChannelOptions } from "@grpc/grpc-js";
 import * as agentMessages from "@ferry/api/agent";
 import {
   AgentServiceService,
@@ -48,6 +48,7 @@ export const STORE_METHODS = [
   "getBlobStatus",
   "readBlob",
   "pullBlob",
+  "connectPeer",
   "tagImage",
   "listImages",
   "deleteBlob",
@@ -66,6 +67,8 @@ export type StoreServiceImpl = ServiceImpl<StoreServiceDefinition>;
 /** What a pull needs of a peer agent. `close()` is called when the pull ends (make it a no-op when channels are cached). */
 export interface ReadBlobPeer {
   readBlob(req: DeepPartial<ReadBlobRequest>, opts?: CallOpts): AsyncIterable<ReadBlobResponse>;
+  /** Connect now (if not connected) and wait until connected; resolves true if it had to connect. */
+  connect(timeoutMs: number): Promise<boolean>;
   close(): void;
 }
 /** Opens a client to the agent at `address` whose certificate is issued for `serverName`. */
@@ -77,6 +80,8 @@ export const MAX_CHUNK_BYTES = 4 * 1024 * 1024;
 export const DEFAULT_READ_CHUNK_BYTES = 1024 * 1024;
 /** Pulls default to 2 MiB: measured fastest over mTLS on loopback (4 MiB chunks were 2x slower over TLS). */
 export const DEFAULT_PULL_CHUNK_BYTES = 2 * 1024 * 1024;
+/** ConnectPeer's wait when the request gives none. */
+export const DEFAULT_CONNECT_TIMEOUT_MS = 5000;
 
 /**
  * Channel options of a pulling client. The HTTP/2 window is the receiver's setting and grpc-js
@@ -105,7 +110,16 @@ export function grpcPeerClients(security: Security, extra: ChannelOptions = {}):
       });
       channels.set(key, c);
     }
-    return { readBlob: c.readBlob, close: () => undefined };
+    const client = c.raw;
+    return {
+      readBlob: c.readBlob,
+      connect: (timeoutMs) =>
+        new Promise((resolve, reject) => {
+          if (client.getChannel().getConnectivityState(true) === connectivityState.READY) return resolve(false);
+          client.waitForReady(Date.now() + timeoutMs, (err) => (err ? reject(err) : resolve(true)));
+        }),
+      close: () => undefined,
+    };
   };
 }
 
@@ -247,6 +261,22 @@ export function createStoreService(opts: StoreServiceOptions): StoreServiceImpl 
       } finally {
         await w.close();
       }
+    },
+
+    async connectPeer(req) {
+      if (!req.address) throw FerryError.invalid("address", "is required", 'give the peer agent\'s "host:port"');
+      const timeoutMs = req.timeoutMs || DEFAULT_CONNECT_TIMEOUT_MS;
+      const started = performance.now();
+      const connected = await peerClient(req.address, req.serverName)
+        .connect(timeoutMs)
+        .catch((e: unknown) => {
+          throw new FerryError("Unavailable", `peer agent ${req.address} not reached in ${timeoutMs} ms: ${(e as Error).message}`, {
+            field: "address",
+            fix: `check that ${req.address} is the peer agent's listening address and reachable from here, and its certificate is issued for "${req.serverName}"`,
+          });
+        });
+      // At least 1 when it connected: 0 says it was connected already.
+      return { connectMs: connected ? Math.max(1, Math.round(performance.now() - started)) : 0 };
     },
 
     async *pullBlob(req, ctx): AsyncGenerator<PullBlobResponse> {

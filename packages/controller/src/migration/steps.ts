@@ -217,6 +217,14 @@ const prepareImage: Step<MigrationCtx> = {
     // Whether the destination has the image: StartMigration's pre-checks asked it (admission counts the image's bytes).
     const partial = need(ctx.out.partial, "whether the destination has the image");
     io.detail("partial", partial ? 1 : 0);
+    // The destination's channel to the source, connected now: the pulls inside the downtime find
+    // the TCP, TLS and HTTP/2 handshakes done (~100 ms over a 20 ms link), and a source the
+    // destination cannot reach fails the migration here, before the freeze.
+    const { connectMs } = await ctx.dest.client.connectPeer(
+      { address: ctx.source.address, serverName: ctx.source.tlsServerName },
+      agentOpts(io, ctx.dest),
+    );
+    io.detail("peer_connect_ms", connectMs);
     if (!partial) {
       // Full migration: the image travels too, but ahead of the freeze, so not in the downtime.
       const { complete, receivedBytes } = await ctx.source.client.getBlobStatus({ digest }, agentOpts(io, ctx.source));
