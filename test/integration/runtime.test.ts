@@ -293,6 +293,9 @@ describe.skipIf(!ROOT)("container runtime (runc + CRIU)", () => {
       restoreMs.push(performance.now() - t1);
       expect(rs.pid).toBeGreaterThan(0);
       expect(rs.stats.restoreMs + rs.stats.forkingMs).toBeGreaterThan(0);
+      // CRIU's restore runs inside runc's, which runs inside the agent's.
+      expect(rs.stats.runcMs).toBeGreaterThanOrEqual(rs.stats.restoreMs);
+      expect(rs.stats.totalMs).toBeGreaterThanOrEqual(rs.stats.runcMs);
       expect(rs.container.state).toBe(ContainerState.CONTAINER_STATE_RUNNING);
       // a clean restore: no error in CRIU's log (a missing v6 lock shows up here); the rlimit
       // one is the host's (no CAP_SYS_RESOURCE to raise RLIMIT_NOFILE) and harmless

@@ -342,7 +342,13 @@ export async function createAgent(cfg: AgentConfig): Promise<Agent> {
       ]);
       return {
         container: await withOfport(r.container),
-        stats: { unpackMs, restoreMs: r.stats.restoreMs, forkingMs: r.stats.forkingMs, totalMs: Math.round(performance.now() - started) },
+        stats: {
+          unpackMs,
+          restoreMs: r.stats.restoreMs,
+          forkingMs: r.stats.forkingMs,
+          runcMs: r.stats.runcMs,
+          totalMs: Math.round(performance.now() - started),
+        },
         blobsDeleted: blobs.length > 0 && blobsGone.every(Boolean),
       };
     },

@@ -432,7 +432,7 @@ export class FakeAgent {
           this.containers.set(name, info);
           const blobsDeleted = r.deleteBlobs && !r.checkpointId && !this.restoreKeepsBlobs;
           if (blobsDeleted) for (const b of [r.checkpointBlob, r.upperBlob]) this.blobs.delete(b!.digest);
-          return { container: clone(info), stats: { unpackMs: 3, restoreMs: 15, forkingMs: 2, totalMs: 20 }, blobsDeleted };
+          return { container: clone(info), stats: { unpackMs: 3, restoreMs: 15, forkingMs: 2, runcMs: 17, totalMs: 20 }, blobsDeleted };
         }),
       deleteCheckpoint: (req) => {
         this.checkpoints.delete(String(req["checkpointId"]));

@@ -76,7 +76,7 @@ export interface RestoreOptions extends ContainerPlacement {
 
 export interface RestoreResult {
   pid: number;
-  stats: { restoreMs: number; forkingMs: number; totalMs: number; raw?: RestoreStats };
+  stats: { restoreMs: number; forkingMs: number; runcMs: number; totalMs: number; raw?: RestoreStats };
   container: ContainerInfo;
   /** CRIU's restore.log. */
   criuLog: string;
@@ -589,6 +589,7 @@ export class ContainerRuntime {
       await this.writeRecord(rec);
       const workDir = path.join(opts.checkpointDir, `restore-${Date.now()}`);
       await mkdir(workDir, { recursive: true });
+      const runcStarted = performance.now();
       try {
         await this.runc.restore(name, {
           bundle: this.bundle(name),
@@ -603,6 +604,7 @@ export class ContainerRuntime {
         this.log.error({ container: name, criuLog: path.join(workDir, "restore.log") }, "restore failed");
         throw this.runcFailure(e, `restore container "${name}"`, path.join(workDir, "restore.log"));
       }
+      const runcMs = Math.round(performance.now() - runcStarted);
       const after = await this.runc.state(name);
       // runc reads "running" only while its init process lives
       if (after?.status !== "running") {
@@ -620,6 +622,7 @@ export class ContainerRuntime {
       const stats = {
         restoreMs: usToMs(rs?.restore?.restoreTimeUs),
         forkingMs: usToMs(rs?.restore?.forkingTimeUs),
+        runcMs,
         totalMs: Math.round(performance.now() - started),
         ...(rs?.restore ? { raw: rs.restore } : {}),
       };

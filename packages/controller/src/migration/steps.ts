@@ -397,6 +397,7 @@ const restore: Step<MigrationCtx> = {
     ctx.out.destBlobsDeleted = r.blobsDeleted;
     if (r.stats) {
       io.detail("criu_restore_ms", r.stats.restoreMs);
+      io.detail("runc_restore_ms", r.stats.runcMs);
       io.detail("unpack_ms", r.stats.unpackMs);
     }
   },
