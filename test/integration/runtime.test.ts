@@ -88,6 +88,8 @@ describe.skipIf(!ROOT)("container runtime (runc + CRIU)", () => {
     proc: ChildProcess;
     connected: Promise<string>;
     report: Promise<{ code: number | null; report: EchoReport }>;
+    /** Pauses the client has seen end so far (a "gap" line each, once data flows again). */
+    gapsEnded: () => number;
   } {
     const proc = spawn(client, [ctIp, String(PORT), ...args], { stdio: ["ignore", "pipe", "pipe"] });
     clients.push(proc);
@@ -113,7 +115,7 @@ describe.skipIf(!ROOT)("container runtime (runc + CRIU)", () => {
       });
     });
     report.catch(() => undefined); // awaited by the test that needs it; never an unhandled rejection
-    return { proc, connected, report };
+    return { proc, connected, report, gapsEnded: () => (err.match(/^gap /gm) ?? []).length };
   }
 
   async function waitForLog(re: RegExp, offset = 0, timeoutMs = 5000): Promise<string> {
@@ -253,7 +255,17 @@ describe.skipIf(!ROOT)("container runtime (runc + CRIU)", () => {
     const restoreMs: number[] = [];
     const frozenMs: number[] = [];
     const parents: string[] = [];
+    // Each round waits until the client's data flows again after the previous restore: a client
+    // still backing off from one freeze would otherwise run into the next (its pauses merge).
+    const flowsAgain = async (pauses: number): Promise<void> => {
+      const end = Date.now() + 20_000;
+      while (c.gapsEnded() < pauses) {
+        if (Date.now() > end) throw new Error(`the client's data did not flow again after ${pauses} freeze(s) within 20 s`);
+        await new Promise((r) => setTimeout(r, 20));
+      }
+    };
     for (let round = 1; round <= 5; round++) {
+      await flowsAgain(round - 1);
       await new Promise((r) => setTimeout(r, 400));
       const t0 = performance.now();
       const cp = await runtime.checkpoint(name, { tcpEstablished: true });
@@ -308,7 +320,8 @@ describe.skipIf(!ROOT)("container runtime (runc + CRIU)", () => {
       const ppid = /PPid:\s*(\d+)/.exec(status)![1]!;
       parents.push(`${ppid}:${(await readFile(`/proc/${ppid}/comm`, "utf8").catch(() => "?")).trim()}`);
     }
-    await new Promise((r) => setTimeout(r, 1000));
+    await flowsAgain(5);
+    await new Promise((r) => setTimeout(r, 500));
     c.proc.kill("SIGTERM");
     const { code, report } = await c.report;
     expect(report.errors).toBe(0);
