@@ -13,6 +13,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ContainerState, type ContainerSpec } from "@ferry/api/agent";
 import type { FerryError } from "@ferry/common";
 import { type Bed, destroyBeds, makeBed, median, migrateViaAgents, routeTo, type MigrationTimes } from "../helpers/agents.js";
+import { waitFor } from "../helpers/wait.js";
 import type { EchoReport } from "@ferry/testbed";
 
 let bed: Bed;
@@ -60,15 +61,6 @@ function inClient(
     child.on("close", (code) => resolve({ code, out, err })),
   );
   return { child, stderr: () => err, done };
-}
-
-async function waitFor(what: string, ok: () => Promise<boolean> | boolean, ms = 10_000): Promise<void> {
-  const end = Date.now() + ms;
-  while (Date.now() < end) {
-    if (await ok()) return;
-    await new Promise((r) => setTimeout(r, 100));
-  }
-  throw new Error(`timed out waiting for ${what}`);
 }
 
 async function removeEverywhere(name: string): Promise<void> {

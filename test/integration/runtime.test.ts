@@ -14,6 +14,7 @@ import { ContainerState, type ContainerSpec } from "@ferry/api/agent";
 import { exec, FerryError, silentLogger } from "@ferry/common";
 import { ContainerRuntime, Criu, freePort, Runc } from "@ferry/agent";
 import type { EchoReport } from "@ferry/testbed";
+import { waitFor } from "../helpers/wait.js";
 
 const ROOT = process.getuid?.() === 0;
 const REPO = path.resolve(import.meta.dirname, "../..");
@@ -257,13 +258,8 @@ describe.skipIf(!ROOT)("container runtime (runc + CRIU)", () => {
     const parents: string[] = [];
     // Each round waits until the client's data flows again after the previous restore: a client
     // still backing off from one freeze would otherwise run into the next (its pauses merge).
-    const flowsAgain = async (pauses: number): Promise<void> => {
-      const end = Date.now() + 20_000;
-      while (c.gapsEnded() < pauses) {
-        if (Date.now() > end) throw new Error(`the client's data did not flow again after ${pauses} freeze(s) within 20 s`);
-        await new Promise((r) => setTimeout(r, 20));
-      }
-    };
+    const flowsAgain = (pauses: number): Promise<void> =>
+      waitFor(`the client's data to flow again after ${pauses} freeze(s)`, () => c.gapsEnded() >= pauses, 20_000);
     for (let round = 1; round <= 5; round++) {
       await flowsAgain(round - 1);
       await new Promise((r) => setTimeout(r, 400));
