@@ -430,9 +430,15 @@ export class FakeAgent {
             checkpointId: "",
           });
           this.containers.set(name, info);
-          const blobsDeleted = r.deleteBlobs && !r.checkpointId && !this.restoreKeepsBlobs;
-          if (blobsDeleted) for (const b of [r.checkpointBlob, r.upperBlob]) this.blobs.delete(b!.digest);
-          return { container: clone(info), stats: { unpackMs: 3, restoreMs: 15, forkingMs: 2, runcMs: 17, totalMs: 20 }, blobsDeleted };
+          // As the agent: the blobs given, whichever way the checkpoint came.
+          const blobs =
+            r.deleteBlobs && !this.restoreKeepsBlobs ? [r.checkpointBlob?.digest, r.upperBlob?.digest].filter((d): d is string => !!d) : [];
+          for (const d of blobs) this.blobs.delete(d);
+          return {
+            container: clone(info),
+            stats: { unpackMs: 3, restoreMs: 15, forkingMs: 2, runcMs: 17, totalMs: 20 },
+            blobsDeleted: blobs.length > 0,
+          };
         }),
       deleteCheckpoint: (req) => {
         this.checkpoints.delete(String(req["checkpointId"]));
