@@ -8,7 +8,8 @@ import { CRIU_NETWORK_SCRIPT } from "../net/lock.js";
 import type { CriuApi } from "./criu.js";
 import type { DumpStats, RestoreStats } from "./criu-stats.js";
 import { KeyedMutex } from "./keyed-mutex.js";
-import { buildOciConfig, parseSsEstablished } from "./oci.js";
+import { buildOciConfig } from "./oci.js";
+import { establishedConnections } from "./proc-net.js";
 import { readPidFile, type RuncApi, type RuncState } from "./runc.js";
 
 /** Configuration of a {@link ContainerRuntime}. */
@@ -57,7 +58,7 @@ export interface CheckpointStats {
 export interface CheckpointResult {
   checkpointId: string;
   stats: CheckpointStats;
-  /** Established TCP connections seen by `ss` in the container's namespace just before the dump. */
+  /** Established TCP connections in the container's namespace just before the dump (/proc/<pid>/net/tcp{,6}). */
   connections: TcpConnection[];
   /** The CRIU images (stateDir/checkpoints/<id>/images). */
   imagesDir: string;
@@ -441,8 +442,9 @@ export class ContainerRuntime {
 
   /**
    * Dump a running container with CRIU (through runc) into stateDir/checkpoints/<id>/. The TCP
-   * 4-tuples are taken with `ss` before the freeze. Without `leaveRunning` the container is gone
-   * afterwards (state CHECKPOINTED) and its overlay stays mounted for a local restore.
+   * 4-tuples are read from /proc/<pid>/net/tcp{,6} before the freeze. Without `leaveRunning` the
+   * container is gone afterwards (state CHECKPOINTED) and its overlay stays mounted for a local
+   * restore.
    * A failed checkpoint leaves the container running (CRIU resumes it) and removes the partial
    * images; the CRIU log is moved to stateDir/failed/ and named in the error.
    */
@@ -479,8 +481,8 @@ export class ContainerRuntime {
       await mkdir(imagesDir, { recursive: true });
       await mkdir(workDir, { recursive: true });
 
-      // before the freeze: once dumped, the sockets are gone from ss
-      const connections = opts.tcpEstablished ? await this.establishedConnections(rec.netnsPath) : [];
+      // before the freeze: once dumped, the sockets are gone
+      const connections = opts.tcpEstablished ? await establishedConnections(st.pid) : [];
       await this.freeze(name);
       try {
         await this.runc.checkpoint(name, {
@@ -862,12 +864,6 @@ export class ContainerRuntime {
       if (Date.now() >= end) return false;
       await new Promise((r) => setTimeout(r, 50));
     }
-  }
-
-  private async establishedConnections(netnsPath: string): Promise<TcpConnection[]> {
-    // nsenter --net only: ss must see the container's sockets, nothing else needs to change
-    const { stdout } = await exec("nsenter", [`--net=${netnsPath}`, "ss", "-tnH", "state", "established"], { timeoutMs: 10_000 });
-    return parseSsEstablished(stdout);
   }
 
   private async recordNames(): Promise<string[]> {

@@ -16,5 +16,6 @@ export { parseCriuStats, encodeCriuStats, IMG_SERVICE_MAGIC, STATS_MAGIC } from 
 export type { DumpStats, RestoreStats, StatsEntry } from "./criu-stats.js";
 export { Runc, readPidFile } from "./runc.js";
 export type { RuncApi, RuncOptions, RuncState, LaunchOptions } from "./runc.js";
-export { buildOciConfig, parseSsEstablished } from "./oci.js";
+export { buildOciConfig } from "./oci.js";
+export { establishedConnections, parseProcNetTcp } from "./proc-net.js";
 export { KeyedMutex } from "./keyed-mutex.js";

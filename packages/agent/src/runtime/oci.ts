@@ -1,4 +1,4 @@
-import type { ContainerSpec, TcpConnection } from "@ferry/api/agent";
+import type { ContainerSpec } from "@ferry/api/agent";
 
 /** What the bundle needs besides the spec. */
 export interface OciOptions {
@@ -95,33 +95,4 @@ export function limitsOf(spec: ContainerSpec): { cpuQuotaUs: number; cpuPeriodUs
     cpuPeriodUs: CFS_PERIOD_US,
     memoryLimitBytes: spec.memoryLimitBytes,
   };
-}
-
-/**
- * Parse `ss -tnH state established` (columns: Recv-Q Send-Q Local:Port Peer:Port [process]).
- * IPv6 addresses come as [addr]:port; IPv4-mapped ones are kept as written.
- */
-export function parseSsEstablished(out: string): TcpConnection[] {
-  const conns: TcpConnection[] = [];
-  const split = (s: string): [string, number] | undefined => {
-    const i = s.lastIndexOf(":");
-    if (i <= 0) return undefined;
-    let addr = s.slice(0, i);
-    const port = Number(s.slice(i + 1));
-    if (addr.startsWith("[") && addr.endsWith("]")) addr = addr.slice(1, -1);
-    // ss prints "%iface" scope suffixes on link-local addresses
-    addr = addr.replace(/%.*$/, "");
-    return Number.isInteger(port) ? [addr, port] : undefined;
-  };
-  for (const line of out.split("\n")) {
-    const cols = line.trim().split(/\s+/);
-    if (cols.length < 4) continue;
-    // with a state filter ss omits the State column; without one it is first
-    const start = /^\d+$/.test(cols[0]!) ? 0 : 1;
-    const local = split(cols[start + 2] ?? "");
-    const peer = split(cols[start + 3] ?? "");
-    if (!local || !peer) continue;
-    conns.push({ localAddress: local[0], localPort: local[1], remoteAddress: peer[0], remotePort: peer[1] });
-  }
-  return conns;
 }

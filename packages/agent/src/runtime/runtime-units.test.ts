@@ -1,4 +1,5 @@
 import { readFileSync } from "node:fs";
+import net from "node:net";
 import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import path from "node:path";
@@ -6,7 +7,8 @@ import { describe, expect, it } from "vitest";
 import { ContainerState } from "@ferry/api/agent";
 import { encodeCriuStats, IMG_SERVICE_MAGIC, parseCriuStats, STATS_MAGIC } from "./criu-stats.js";
 import { KeyedMutex } from "./keyed-mutex.js";
-import { buildOciConfig, parseSsEstablished } from "./oci.js";
+import { buildOciConfig } from "./oci.js";
+import { establishedConnections, formatIpv6, parseProcNetTcp } from "./proc-net.js";
 import { validateCheckpointId } from "./container-runtime.js";
 import { readRuncState } from "./runc.js";
 
@@ -61,19 +63,66 @@ describe("CRIU stats files", () => {
   });
 });
 
-describe("ss parsing", () => {
-  it("reads 4-tuples with and without the State column, IPv4 and IPv6", () => {
-    const out = [
-      "0      0      10.77.0.10:7000    10.77.0.99:41234",
-      "0      0      [::ffff:10.77.0.10]:80 [::ffff:10.0.0.1]:5555",
-      "ESTAB  0      0      [fe80::1%eth0]:22  [fe80::2%eth0]:40000",
+describe("/proc/net/tcp parsing", () => {
+  // Lines as this (little-endian) kernel writes them; the header line is skipped.
+  const head = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode";
+  it("keeps established connections, IPv4 and IPv6, and decodes the kernel's word order", () => {
+    const v4 = [
+      head,
+      "   0: 00000000:1B58 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0",
+      "   1: 0A004D0A:1B58 63004D0A:A112 01 00000000:00000000 00:00000000 00000000     0        0 2 1 0 20 4 30 10 -1",
+      "   2: 0A004D0A:1B58 64004D0A:A113 06 00000000:00000000 03:00000000 00000000     0        0 0 3 0",
       "",
     ].join("\n");
-    expect(parseSsEstablished(out)).toEqual([
-      { localAddress: "10.77.0.10", localPort: 7000, remoteAddress: "10.77.0.99", remotePort: 41234 },
+    const v6 = [
+      head,
+      "   0: 0000000000000000FFFF00000A004D0A:0050 0000000000000000FFFF00000100000A:15B3 01 00000000:00000000 00:00000000 00000000 0 0 3 1",
+      "   1: 000080FE00000000000000000100000000:0016 000080FE00000000000000000200000000:9C40 01 00000000:00000000 00:00000000 00000000 0 0 4 1",
+      "   2: 000080FE000000000000000001000000:0016 000080FE000000000000000002000000:9C40 01 00000000:00000000 00:00000000 00000000 0 0 4 1",
+    ].join("\n");
+    expect(parseProcNetTcp(v4)).toEqual([{ localAddress: "10.77.0.10", localPort: 7000, remoteAddress: "10.77.0.99", remotePort: 41234 }]);
+    // the second line has 34 hex digits: not an address, skipped
+    expect(parseProcNetTcp(v6)).toEqual([
       { localAddress: "::ffff:10.77.0.10", localPort: 80, remoteAddress: "::ffff:10.0.0.1", remotePort: 5555 },
       { localAddress: "fe80::1", localPort: 22, remoteAddress: "fe80::2", remotePort: 40000 },
     ]);
+  });
+
+  it("writes IPv6 addresses as inet_ntop does", () => {
+    const f = (groups: number[]): string => {
+      const b = Buffer.alloc(16);
+      groups.forEach((g, i) => b.writeUInt16BE(g, i * 2));
+      return formatIpv6(b);
+    };
+    expect(f([0, 0, 0, 0, 0, 0, 0, 0])).toBe("::");
+    expect(f([0, 0, 0, 0, 0, 0, 0, 1])).toBe("::1");
+    expect(f([1, 0, 0, 0, 0, 0, 0, 0])).toBe("1::");
+    expect(f([0x2001, 0xdb8, 0, 0, 1, 0, 0, 1])).toBe("2001:db8::1:0:0:1");
+    expect(f([0x2001, 0xdb8, 0, 1, 0, 0, 0, 1])).toBe("2001:db8:0:1::1");
+    expect(f([0x2001, 0xdb8, 1, 1, 1, 1, 0, 1])).toBe("2001:db8:1:1:1:1:0:1");
+    expect(f([0, 0, 0, 0, 0, 0xffff, 0x0a00, 0x0001])).toBe("::ffff:10.0.0.1");
+    expect(f([0, 0, 0, 0, 0, 0, 0x0a00, 0x0001])).toBe("::10.0.0.1");
+  });
+
+  it("finds this process's own loopback connection, both ends, IPv4 and IPv6", async () => {
+    for (const host of ["127.0.0.1", "::1"]) {
+      const server = net.createServer();
+      await new Promise<void>((r) => server.listen(0, host, r));
+      const port = (server.address() as net.AddressInfo).port;
+      const accepted = new Promise<net.Socket>((r) => server.once("connection", r));
+      const client = net.connect(port, host);
+      await new Promise((r) => client.once("connect", r));
+      const peer = await accepted;
+      try {
+        const conns = await establishedConnections(process.pid);
+        expect(conns).toContainEqual({ localAddress: host, localPort: port, remoteAddress: host, remotePort: client.localPort });
+        expect(conns).toContainEqual({ localAddress: host, localPort: client.localPort, remoteAddress: host, remotePort: port });
+      } finally {
+        client.destroy();
+        peer.destroy();
+        server.close();
+      }
+    }
   });
 });
 
