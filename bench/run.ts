@@ -450,7 +450,7 @@ async function main(): Promise<void> {
       await oneRun(experiment, "baseline", i);
       await oneRun(experiment, "ferry", i);
     }
-    await linkShaper.clear();
+    log(`${experiment}: link wires`, await linkShaper.clear());
   }
 
   // (c) MIRA: N migrations at once, edge-a -> edge-b and edge-c alternately, no shaping, two ways

@@ -32,6 +32,8 @@ interface Wire {
   tag: string;
   child: ChildProcess;
   exited: Promise<unknown>;
+  /** What the wire wrote to stderr: its counters line when it exits. */
+  stderr: string;
 }
 
 /** Builds delaywire once and splices wires into (and out of) the testbed's underlay links. */
@@ -71,7 +73,9 @@ export class Shaper {
         stdio: ["ignore", "pipe", "pipe"],
       });
       const exited = once(child, "exit");
-      this.wires.set(name, { link, tag: n, child, exited });
+      const wire: Wire = { link, tag: n, child, exited, stderr: "" };
+      child.stderr.on("data", (b: Buffer) => (wire.stderr += b.toString()));
+      this.wires.set(name, wire);
       await new Promise<void>((resolve, reject) => {
         const t = setTimeout(() => reject(new FerryError("DeadlineExceeded", `delaywire for ${name} did not start`)), 5000);
         child.stdout.once("data", () => {
@@ -86,14 +90,20 @@ export class Shaper {
     }
   }
 
-  /** Stop every wire and join the links back to the bridge directly. Safe to call twice. */
-  async clear(): Promise<void> {
+  /**
+   * Stop every wire and join the links back to the bridge directly. Safe to call twice. Returns
+   * each stopped wire's counters line (see deploy/coat/delaywire.c).
+   */
+  async clear(): Promise<Record<string, string>> {
+    const counters: Record<string, string> = {};
     for (const [name, w] of this.wires) {
       if (w.child.exitCode === null && w.child.signalCode === null) w.child.kill("SIGTERM");
       await w.exited;
+      counters[name] = w.stderr.trim();
       await exec("ip", ["-n", this.tb.underlayNs, "link", "del", `dw${w.tag}a`], { okCodes: [0, 1] }).catch(() => undefined);
       await exec("ip", ["-n", this.tb.underlayNs, "link", "set", w.link, "master", "br-ul"], { okCodes: [0, 1, 2] }).catch(() => undefined);
       this.wires.delete(name);
     }
+    return counters;
   }
 }

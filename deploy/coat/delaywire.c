@@ -7,7 +7,10 @@
 //   delaywire IF_A IF_B DELAY_A_TO_B_US DELAY_B_TO_A_US RATE_A_TO_B_BPS RATE_B_TO_A_BPS
 //
 // A rate of 0 means unlimited. Frames queued beyond QUEUE_BYTES per direction are dropped (a
-// tail-drop queue, as a shaped NIC would). SIGTERM/SIGINT: exit 0 after printing counters.
+// tail-drop queue, as a shaped NIC would). SIGTERM/SIGINT: exit 0 after printing counters per
+// direction: forwarded, dropped (the tail-drop queue, by design), lost (a frame too large to read
+// whole, or a failed send) and kernel_drops (frames the kernel dropped because the wire did not
+// read them in time). A link the benchmark can trust shows 0 for the last two.
 // Built and run by bench/shaping.ts inside the testbed's underlay namespace.
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -43,7 +46,7 @@ struct dir {
   uint64_t last_departure_ns;
   struct frame *head, *tail;
   size_t queued;
-  unsigned long fwd, dropped;
+  unsigned long fwd, dropped, lost;
 };
 
 static volatile sig_atomic_t stop;
@@ -75,10 +78,12 @@ static void receive(struct dir *d, unsigned char *buf) {
   for (;;) {
     struct sockaddr_ll from;
     socklen_t fl = sizeof from;
-    ssize_t n = recvfrom(d->in_fd, buf, MAX_FRAME, 0, (struct sockaddr *)&from, &fl);
+    // MSG_TRUNC: n is the frame's real length, so a frame larger than the buffer is counted, not cut
+    ssize_t n = recvfrom(d->in_fd, buf, MAX_FRAME, MSG_TRUNC, (struct sockaddr *)&from, &fl);
     if (n < 0) return;  // EAGAIN: drained
     // An AF_PACKET socket also sees what is sent out of its interface (our own forwarding).
     if (from.sll_pkttype == PACKET_OUTGOING) continue;
+    if (n > MAX_FRAME) { d->lost++; continue; }
     if (d->queued + (size_t)n > QUEUE_BYTES) { d->dropped++; continue; }
     struct frame *f = malloc(sizeof *f + (size_t)n);
     if (!f) { d->dropped++; continue; }
@@ -103,8 +108,12 @@ static int64_t flush(struct dir *d) {
   uint64_t t = now_ns();
   while (d->head && d->head->due_ns <= t) {
     struct frame *f = d->head;
-    if (send(d->out_fd, f->data, f->len, 0) < 0 && errno == EAGAIN) return 100000;  // retry in 0.1 ms
-    d->fwd++;
+    if (send(d->out_fd, f->data, f->len, 0) < 0) {
+      if (errno == EAGAIN) return 100000;  // retry in 0.1 ms
+      d->lost++;
+    } else {
+      d->fwd++;
+    }
     d->head = f->next;
     if (!d->head) d->tail = NULL;
     d->queued -= f->len;
@@ -142,6 +151,15 @@ int main(int argc, char **argv) {
     if (p[0].revents & POLLIN) receive(&dirs[0], buf);
     if (p[1].revents & POLLIN) receive(&dirs[1], buf);
   }
-  fprintf(stderr, "a->b fwd=%lu dropped=%lu; b->a fwd=%lu dropped=%lu\n", dirs[0].fwd, dirs[0].dropped, dirs[1].fwd, dirs[1].dropped);
+  // Frames the kernel dropped before we read them (our socket's queue was full): a wire that was
+  // not scheduled in time, which a real link never is.
+  struct tpacket_stats st[2] = {0};
+  socklen_t sl = sizeof st[0];
+  getsockopt(a, SOL_PACKET, PACKET_STATISTICS, &st[0], &sl);
+  sl = sizeof st[1];
+  getsockopt(b, SOL_PACKET, PACKET_STATISTICS, &st[1], &sl);
+  fprintf(stderr, "a->b fwd=%lu dropped=%lu lost=%lu kernel_drops=%u; b->a fwd=%lu dropped=%lu lost=%lu kernel_drops=%u\n",
+          dirs[0].fwd, dirs[0].dropped, dirs[0].lost, st[0].tp_drops, dirs[1].fwd, dirs[1].dropped, dirs[1].lost,
+          st[1].tp_drops);
   return 0;
 }
