@@ -64,6 +64,10 @@ describe("a migration", () => {
     // Before the freeze, the destination connected its channel to the source.
     const connects = c.agent("edge-b").callsOf("connectPeer");
     expect(connects.map((r) => r["address"])).toEqual([c.agent("edge-a").address]);
+    // ... and asked to warm a new connection with 1 MiB of the image, which both hold (partial migration)
+    const image = c.agent("edge-b").containers.get("web")!.imageDigest;
+    expect(image).toMatch(/^sha256:/);
+    expect(connects.map((r) => [r["warmDigest"], r["warmBytes"]])).toEqual([[image, 1024 * 1024]]);
 
     const saved = (await c.ctl.journal.get(m.id))!;
     expect(saved.steps.map((s) => s.name)).toEqual([

@@ -421,7 +421,7 @@ export class BlobStore {
    * A complete blob from `offset`, in chunks of `chunkBytes`, read as the consumer pulls (one
    * chunk of buffering: memory stays flat). NotFound for an unknown digest.
    */
-  async *read(digest: string, offset: number, chunkBytes: number): AsyncGenerator<Buffer> {
+  async *read(digest: string, offset: number, chunkBytes: number, limitBytes = 0): AsyncGenerator<Buffer> {
     const ref = await this.stat(digest);
     if (!Number.isSafeInteger(offset) || offset < 0 || offset > ref.sizeBytes) {
       throw FerryError.invalid(
@@ -431,7 +431,8 @@ export class BlobStore {
       );
     }
     if (offset === ref.sizeBytes) return;
-    yield* createReadStream(this.blobPath(digest), { start: offset, highWaterMark: chunkBytes }) as AsyncIterable<Buffer>;
+    const end = limitBytes > 0 ? Math.min(ref.sizeBytes, offset + limitBytes) - 1 : undefined;
+    yield* createReadStream(this.blobPath(digest), { start: offset, end, highWaterMark: chunkBytes }) as AsyncIterable<Buffer>;
   }
 
   /** Path of a complete blob, for local readers (e.g. tar). NotFound when absent. */

@@ -280,6 +280,50 @@ describe("store service over gRPC", () => {
     expect((await rejection(c.client.connectPeer({ address: "" }))).code).toBe("InvalidArgument");
   });
 
+  it("reads a blob from an offset up to a limit, cutting the last chunk", async () => {
+    const { ref, data } = await addRandomBlob(a, 3 * MiB + 5);
+    const read = async (offset: number, limitBytes: number): Promise<Buffer> => {
+      const parts: Buffer[] = [];
+      for await (const m of a.client.readBlob({ digest: ref.digest, offset, limitBytes, chunkBytes: 64 * 1024 })) parts.push(m.data);
+      return Buffer.concat(parts);
+    };
+    expect((await read(100, MiB + 7)).equals(data.subarray(100, 100 + MiB + 7))).toBe(true);
+    // a limit past the end reads to the end; 0 is no limit
+    expect((await read(3 * MiB, MiB)).equals(data.subarray(3 * MiB))).toBe(true);
+    expect((await read(0, 0)).equals(data)).toBe(true);
+  });
+
+  it("warms a connection it opens by reading the given blob up to warm_bytes, and only then", async () => {
+    const { ref } = await addRandomBlob(a, 2 * MiB);
+    const c = await startAgent();
+    const first = await c.client.connectPeer({ address: a.address, serverName: "", warmDigest: ref.digest, warmBytes: MiB });
+    expect(first.connectMs).toBeGreaterThan(0);
+    expect(first.warmedBytes).toBe(MiB);
+    // already connected: no warm-up
+    const again = await c.client.connectPeer({ address: a.address, serverName: "", warmDigest: ref.digest, warmBytes: MiB });
+    expect(again).toEqual({ connectMs: 0, warmedBytes: 0, warmMs: 0 });
+    // nothing was stored on the warming side
+    expect(await c.client.hasBlobs({ digests: [ref.digest] })).toEqual({ present: [], missing: [ref.digest] });
+
+    // a blob the peer does not hold: connected all the same, nothing warmed
+    const d = await startAgent();
+    const missing = await d.client.connectPeer({
+      address: a.address,
+      serverName: "",
+      warmDigest: `sha256:${"cd".repeat(32)}`,
+      warmBytes: MiB,
+    });
+    expect(missing.connectMs).toBeGreaterThan(0);
+    expect(missing.warmedBytes).toBe(0);
+
+    let err = await rejection(d.client.connectPeer({ address: a.address, serverName: "", warmDigest: ref.digest, warmBytes: 8 * MiB + 1 }));
+    expect(err.code).toBe("InvalidArgument");
+    expect(err.message).toContain("warm_bytes");
+    err = await rejection(d.client.connectPeer({ address: a.address, serverName: "", warmDigest: "sha256:nope", warmBytes: MiB }));
+    expect(err.code).toBe("InvalidArgument");
+    expect(err.message).toContain("warm_digest");
+  });
+
   it("answers NotFound for an unknown digest", async () => {
     const unknown = `sha256:${"ab".repeat(32)}`;
     const read = async (): Promise<void> => {
