@@ -1,6 +1,6 @@
 import type { ChildProcess } from "node:child_process";
 import { createHash } from "node:crypto";
-import { access, mkdir, readdir, readFile, rm } from "node:fs/promises";
+import { access, mkdir, readdir, rm } from "node:fs/promises";
 import {
   FerryError,
   exec,
@@ -285,23 +285,6 @@ export class Testbed {
     return h;
   }
 
-  /**
-   * Real-time scheduling (SCHED_RR 10, all threads) for a host's ovs-vswitchd. Without a kernel
-   * module its datapath is the userspace one, and a migration's CPU work on the same cores starved
-   * it: it lost packets, and TCP over the underlay ran into fast retransmits and slow transfers
-   * (8 migrations: 280-460 retransmitted segments per host, transfers down to ~2 MB/s; with this,
-   * 1-3 and 10-24 MB/s). A kernel datapath runs in softirq, ahead of every process; this gives the
-   * userspace one that place. Best effort: without CAP_SYS_NICE or a real-time budget (cgroup
-   * cpu.rt_runtime_us) it stays as it was, and the log says so.
-   */
-  private async datapathFirst(host: EmulatedHost, log: Logger): Promise<void> {
-    const pid = (await readFile(`${host.ovsDir}/ovs-vswitchd.pid`, "utf8").catch(() => "")).trim();
-    if (!/^\d+$/.test(pid)) return;
-    await exec("chrt", ["-a", "-r", "-p", "10", pid]).catch((e: unknown) =>
-      log.warn({ error: (e as Error).message }, "ovs-vswitchd keeps normal scheduling: the datapath may drop packets under load"),
-    );
-  }
-
   /** A new host: namespace, underlay link, OVS daemons, br-phy, br-ferry, VXLAN to every other host. */
   async createHost(o: HostOptions): Promise<EmulatedHost> {
     validateName("name", o.name);
@@ -362,7 +345,6 @@ export class Testbed {
         logfile: `${host.ovsDir}/ovs-vswitchd.log`,
       }),
     );
-    await this.datapathFirst(host, log);
     const owner = ["--", "set", "Bridge"];
     await host.vsctl([
       ...["--may-exist", "add-br", PHYS_BRIDGE, ...owner, PHYS_BRIDGE, "datapath_type=netdev", "external_ids:ferry-owner=testbed"],
