@@ -10,6 +10,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type FerryError, exec, isFerryError, macFromIp } from "@ferry/common";
 import { CRIU_LOCK_RULES, CRIU_UNLOCK_CHAIN, CRIU_UNLOCK_JUMPS, NetNs, Ovs, lockNetns, portNameFor } from "@ferry/agent";
 import { Testbed, cookieForIp, runInNetns, type EmulatedHost, type Workload } from "@ferry/testbed";
+import { pingFrom } from "../helpers/ping.js";
 
 const isRoot = process.getuid?.() === 0;
 const PREFIX = `ferry-t${randomBytes(2).toString("hex")}-`;
@@ -45,14 +46,8 @@ async function expectFerryError(p: Promise<unknown>, code: FerryError["code"], f
 }
 
 /** ping from the client workload; returns received count and avg RTT. */
-async function ping(ip: string, count: number, waitS = 1): Promise<{ received: number; avgMs: number }> {
-  const r = await runInNetns(wl.netnsPath, "busybox", ["ping", "-c", String(count), "-i", "0.2", "-W", String(waitS), ip], {
-    okCodes: [0, 1],
-  });
-  const rec = /(\d+) packets received/.exec(r.stdout);
-  const rtt = /= [\d.]+\/([\d.]+)\//.exec(r.stdout);
-  return { received: rec ? Number(rec[1]) : 0, avgMs: rtt ? Number(rtt[1]) : NaN };
-}
+const ping = (ip: string, count: number, waitS = 1): Promise<{ received: number; avgMs: number }> =>
+  pingFrom(wl.netnsPath, ip, count, waitS);
 
 /** A TCP echo server (Node) inside a namespace; resolves once it listens. */
 async function startEchoServer(netnsPath: string, tag: string): Promise<ChildProcess> {

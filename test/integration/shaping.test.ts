@@ -11,6 +11,7 @@ import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { runInNetns, Testbed, type EmulatedHost } from "@ferry/testbed";
 import { Shaper } from "../../bench/shaping.js";
+import { pingFrom } from "../helpers/ping.js";
 
 const isRoot = process.getuid?.() === 0;
 const REPO = path.resolve(import.meta.dirname, "../..");
@@ -25,9 +26,9 @@ let b: EmulatedHost;
 
 /** Average RTT of pings from host `from` to host `to`'s underlay address. */
 async function rttMs(from: EmulatedHost, to: EmulatedHost): Promise<number> {
-  const r = await runInNetns(from.netnsPath, "busybox", ["ping", "-c", "8", "-i", "0.2", "-W", "2", to.underlayIp]);
-  expect(r.stdout).toMatch(/8 packets received/);
-  return Number(/= [\d.]+\/([\d.]+)\//.exec(r.stdout)![1]);
+  const p = await pingFrom(from.netnsPath, to.underlayIp, 8, 2);
+  expect(p.received).toBe(8);
+  return p.avgMs;
 }
 
 /** iperf3 from `from` to `to` for 2 s; the receiver's rate in Mbit/s. */

@@ -8,6 +8,8 @@ import type { TcpConnection } from "@ferry/api/agent";
 
 /** The kernel's TCP_ESTABLISHED, as /proc/net/tcp writes the state column. */
 const ESTABLISHED = "01";
+/** The kernel writes each address word in this machine's byte order. */
+const LITTLE_ENDIAN = endianness() === "LE";
 
 /**
  * Parse /proc/net/tcp or /proc/net/tcp6 ("sl local_address rem_address st ..."), keeping the
@@ -34,7 +36,7 @@ function endpoint(s: string): [string, number] | undefined {
   const bytes = Buffer.alloc(hex.length / 2);
   for (let i = 0; i < hex.length; i += 8) {
     const word = parseInt(hex.slice(i, i + 8), 16);
-    if (endianness() === "LE") bytes.writeUInt32LE(word, i / 2);
+    if (LITTLE_ENDIAN) bytes.writeUInt32LE(word, i / 2);
     else bytes.writeUInt32BE(word, i / 2);
   }
   return [bytes.length === 4 ? [...bytes].join(".") : formatIpv6(bytes), parseInt(m[2]!, 16)];
