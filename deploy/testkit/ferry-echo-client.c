@@ -1,8 +1,11 @@
 /* ferry-echo-client: drives one ferry-echo connection and verifies every echoed byte.
  *
  * usage: ferry-echo-client HOST PORT [--rate BYTES_PER_S] [--chunk BYTES] [--duration S]
- *                                    [--drain S] [--gap-ms MS]
+ *                                    [--drain S] [--gap-ms MS] [--connect-wait S]
  *
+ * A refused connect (the server not listening yet: a container just started) is retried every
+ * 50 ms for up to --connect-wait seconds (default 10). Refused attempts never reach the server's
+ * accept, so the serial of the connection that succeeds is still 1.
  * Sends a deterministic byte stream (byte i = f(i)) at a steady rate, in chunks, and checks that
  * the echo is f(i) ^ ((i + serial) & 0xff) (see ferry-echo.c) for every byte, in order. Stops
  * sending after --duration seconds (default: until SIGTERM/SIGINT), then waits up to --drain
@@ -48,10 +51,11 @@ static unsigned char stream_byte(uint64_t i) {
 
 int main(int argc, char **argv) {
     if (argc < 3) {
-        fprintf(stderr, "usage: %s HOST PORT [--rate B/s] [--chunk B] [--duration S] [--drain S] [--gap-ms MS]\n", argv[0]);
+        fprintf(stderr, "usage: %s HOST PORT [--rate B/s] [--chunk B] [--duration S] [--drain S] [--gap-ms MS] [--connect-wait S]\n",
+                argv[0]);
         return 2;
     }
-    double rate = 100000, duration = -1, drain = 10, gap_ms = 100;
+    double rate = 100000, duration = -1, drain = 10, gap_ms = 100, connect_wait = 10;
     long chunk = 1000;
     for (int i = 3; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--rate")) rate = atof(argv[i + 1]);
@@ -59,6 +63,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--duration")) duration = atof(argv[i + 1]);
         else if (!strcmp(argv[i], "--drain")) drain = atof(argv[i + 1]);
         else if (!strcmp(argv[i], "--gap-ms")) gap_ms = atof(argv[i + 1]);
+        else if (!strcmp(argv[i], "--connect-wait")) connect_wait = atof(argv[i + 1]);
         else { fprintf(stderr, "unknown option %s\n", argv[i]); return 2; }
     }
     if (chunk < 1 || chunk > 65536 || rate <= 0) { fprintf(stderr, "bad --chunk or --rate\n"); return 2; }
@@ -68,8 +73,15 @@ int main(int argc, char **argv) {
 
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((unsigned short)atoi(argv[2]))};
     if (inet_pton(AF_INET, argv[1], &a.sin_addr) != 1) { fprintf(stderr, "HOST must be an IPv4 address\n"); return 2; }
-    int fd = socket(AF_INET, SOCK_STREAM, 0), one = 1;
-    if (fd < 0 || connect(fd, (struct sockaddr *)&a, sizeof(a)) < 0) { perror("connect"); return 3; }
+    int fd, one = 1;
+    for (double give_up = now_ms() + connect_wait * 1e3;;) {
+        fd = socket(AF_INET, SOCK_STREAM, 0);
+        if (fd < 0) { perror("socket"); return 3; }
+        if (connect(fd, (struct sockaddr *)&a, sizeof(a)) == 0) break;
+        if (errno != ECONNREFUSED || now_ms() >= give_up) { perror("connect"); return 3; }
+        close(fd);
+        usleep(50000);
+    }
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
 

@@ -1,3 +1,5 @@
+import type { ChildProcess } from "node:child_process";
+
 /** Polls `ok` every 100 ms until it holds; fails naming `what` after `ms`. */
 export async function waitFor(what: string, ok: () => Promise<boolean> | boolean, ms = 10_000): Promise<void> {
   const end = Date.now() + ms;
@@ -6,4 +8,20 @@ export async function waitFor(what: string, ok: () => Promise<boolean> | boolean
     await new Promise((r) => setTimeout(r, 100));
   }
   throw new Error(`timed out waiting for ${what}`);
+}
+
+/**
+ * Waits for a ferry-echo-client to print "connected serial=1" (its first connection). Fails at
+ * once if the client exits first, and in either case with what the client printed.
+ */
+export async function echoConnected(client: { child: ChildProcess; stderr(): string }, ms = 15_000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!/connected serial=1 /.test(client.stderr())) {
+    const exited = client.child.exitCode !== null || client.child.signalCode !== null;
+    if (exited || Date.now() > end) {
+      const how = exited ? `exited (${client.child.exitCode ?? client.child.signalCode})` : `is not connected after ${ms} ms`;
+      throw new Error(`the echo client ${how}; it printed: ${client.stderr().trim() || "nothing"}`);
+    }
+    await new Promise((r) => setTimeout(r, 100));
+  }
 }

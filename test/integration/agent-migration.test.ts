@@ -13,7 +13,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ContainerState, type ContainerSpec } from "@ferry/api/agent";
 import type { FerryError } from "@ferry/common";
 import { type Bed, destroyBeds, makeBed, median, migrateViaAgents, routeTo, type MigrationTimes } from "../helpers/agents.js";
-import { waitFor } from "../helpers/wait.js";
+import { echoConnected } from "../helpers/wait.js";
 import type { EchoReport } from "@ferry/testbed";
 
 let bed: Bed;
@@ -87,7 +87,7 @@ describe("live migration between two agents", () => {
       "--gap-ms",
       "50",
     ]);
-    await waitFor("the client to connect", () => /connected serial=1/.test(client.stderr()));
+    await echoConnected(client);
     await new Promise((r) => setTimeout(r, 500));
     const times: MigrationTimes[] = [];
     let where = "edge-a";
@@ -149,7 +149,7 @@ describe("live migration between two agents", () => {
     const spec = specOf("paged", "10.77.0.14", ["/usr/local/bin/ferry-echo", "7000", "32"]);
     await runContainer("edge-a", spec);
     const client = inClient(bed.echoClient, ["10.77.0.14", "7000", "--rate", "100000", "--drain", "15"]);
-    await waitFor("the client to connect", () => /connected serial=1/.test(client.stderr()));
+    await echoConnected(client);
     const plain = await migrateViaAgents(bed, spec, "edge-a", "edge-b", "paged-0");
     const paged = await migrateViaAgents(bed, spec, "edge-b", "edge-a", "paged-1", { pageServer: true });
     // The pages went to the page server: what travels afterwards is a fraction of a full dump.
@@ -214,7 +214,7 @@ describe("live migration between two agents", () => {
     const spec = specOf("rollback", "10.77.0.13", ["/usr/local/bin/ferry-echo", "7000"]);
     await runContainer("edge-a", spec);
     const client = inClient(bed.echoClient, ["10.77.0.13", "7000", "--rate", "100000", "--drain", "15"]);
-    await waitFor("the client to connect", () => /connected serial=1/.test(client.stderr()));
+    await echoConnected(client);
     const e = (await migrateViaAgents(bed, spec, "edge-a", "edge-b", "rb-0").catch((x: unknown) => x)) as FerryError;
     expect(e.code).toBe("Internal");
     expect(e.message).toContain("failpoint restore");
@@ -250,7 +250,7 @@ describe("bad input: the right status, a message naming the field, and nothing l
     // A service with a connected client runs throughout: every refusal below must leave it be.
     await runContainer("edge-a", spec);
     client = inClient(bed.echoClient, ["10.77.0.20", "7000", "--rate", "50000", "--drain", "10"]);
-    await waitFor("the client to connect", () => /connected serial=1/.test(client.stderr()));
+    await echoConnected(client);
   }, 60_000);
 
   afterAll(async () => {

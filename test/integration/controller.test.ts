@@ -7,6 +7,7 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type Cluster, destroyClusters, echoClient, makeCluster } from "../helpers/cluster.js";
 import type { EchoReport } from "@ferry/testbed";
+import { echoConnected } from "../helpers/wait.js";
 
 interface Ps {
   host: string;
@@ -60,11 +61,6 @@ async function where(name: string): Promise<Ps[]> {
   return ps.filter((p) => p.info.spec.name === name);
 }
 
-async function connected(client: ReturnType<typeof echoClient>): Promise<void> {
-  for (let i = 0; i < 100 && !/connected serial=1/.test(client.stderr()); i++) await new Promise((r) => setTimeout(r, 100));
-  expect(client.stderr()).toMatch(/connected serial=1/);
-}
-
 async function finish(client: ReturnType<typeof echoClient>): Promise<EchoReport> {
   client.child.kill("SIGTERM");
   const { code, out } = await client.done;
@@ -76,7 +72,7 @@ describe("ferry end to end", () => {
   it("migrates a service with a connected client through the CLI, full then partial, and the client sees no reconnect", async () => {
     await run("web", "10.77.0.10");
     const client = echoClient(c, "10.77.0.10");
-    await connected(client);
+    await echoConnected(client);
     // edge-c lacks the image: a full migration, the image streamed ahead of the freeze.
     const full = await c.ferryJson<Mig>("migrate", "web", "--to", "edge-c");
     expect(full.state).toBe("MIGRATION_STATE_SUCCEEDED");
@@ -179,7 +175,7 @@ describe("ferry end to end", () => {
   it("a controller killed mid-migration and restarted ends with the container running exactly once, client connected", async () => {
     await run("phoenix", "10.77.0.40");
     const client = echoClient(c, "10.77.0.40");
-    await connected(client);
+    await echoConnected(client);
     const r = await c.ferry("migrate", "phoenix", "--to", "edge-b", "--detach");
     const id = r.out.trim();
     // Kill it while the restore runs on edge-b (stalled 3 s by a failpoint): the container is

@@ -85,14 +85,17 @@ describe.skipIf(!ROOT)("container runtime (runc + CRIU)", () => {
   }
 
   /** A ferry-echo-client process; resolves the report when it ends. */
-  function startClient(args: string[] = []): {
+  function startClient(
+    args: string[] = [],
+    port = PORT,
+  ): {
     proc: ChildProcess;
     connected: Promise<string>;
     report: Promise<{ code: number | null; report: EchoReport }>;
     /** Pauses the client has seen end so far (a "gap" line each, once data flows again). */
     gapsEnded: () => number;
   } {
-    const proc = spawn(client, [ctIp, String(PORT), ...args], { stdio: ["ignore", "pipe", "pipe"] });
+    const proc = spawn(client, [ctIp, String(port), ...args], { stdio: ["ignore", "pipe", "pipe"] });
     clients.push(proc);
     let out = "";
     let err = "";
@@ -247,6 +250,31 @@ describe.skipIf(!ROOT)("container runtime (runc + CRIU)", () => {
     expect(Number(quota)).toBe(100_000);
     const u = await runtime.usage(name);
     expect(u.memoryBytes).toBeGreaterThan(8 * 1024 * 1024); // ferry-echo touched 8 MiB
+  });
+
+  it("the echo client retries a refused connect until the server listens, and gives up after --connect-wait", async () => {
+    const port = PORT + 1;
+    const t0 = performance.now();
+    const refused = await exec(client, [ctIp, String(port), "--connect-wait", "0.3"], { okCodes: [3] });
+    expect(refused.stderr).toMatch(/^connect: Connection refused$/m);
+    expect(performance.now() - t0).toBeGreaterThanOrEqual(300);
+
+    // The server starts 0.5 s after the client: a just-started container, still not listening.
+    const c = startClient(["--rate", "100000"], port);
+    await new Promise((r) => setTimeout(r, 500));
+    const server = spawn("nsenter", [`--net=/run/netns/${ns}`, path.join(lowerDir, "usr/local/bin/ferry-echo"), String(port)], {
+      stdio: "ignore",
+    });
+    clients.push(server);
+    // The refused attempts never reached accept: the connection that succeeded is the first.
+    expect(await c.connected).toBe("connected serial=1 total=0");
+    await new Promise((r) => setTimeout(r, 300));
+    c.proc.kill("SIGTERM");
+    const { code, report } = await c.report;
+    server.kill("SIGTERM");
+    expect(code).toBe(0);
+    expect(report.checked).toBe(report.sent);
+    expect(report.sent).toBeGreaterThan(10_000);
   });
 
   it("checkpoints and restores 5 times in a row with a live TCP connection, no byte lost", async () => {
