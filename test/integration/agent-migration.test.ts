@@ -13,7 +13,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ContainerState, type ContainerSpec } from "@ferry/api/agent";
 import type { FerryError } from "@ferry/common";
 import { type Bed, destroyBeds, makeBed, median, migrateViaAgents, routeTo, type MigrationTimes } from "../helpers/agents.js";
-import { echoConnected } from "../helpers/wait.js";
+import { echoConnected, waitListening } from "../helpers/wait.js";
 import type { EchoReport } from "@ferry/testbed";
 
 let bed: Bed;
@@ -40,11 +40,13 @@ function specOf(name: string, ip: string, args: string[]): ContainerSpec {
   };
 }
 
-async function runContainer(host: string, spec: ContainerSpec): Promise<void> {
+/** Create and start `spec` on `host`, route its IP there, and wait until it listens on `port`. */
+async function runContainer(host: string, spec: ContainerSpec, port: number): Promise<void> {
   const e = bed.edges.get(host)!;
   const { container } = await e.client.createContainer({ spec, createNetns: true });
-  await e.client.startContainer({ name: spec.name });
+  const started = await e.client.startContainer({ name: spec.name });
   await routeTo(bed, spec.network!.ipCidr.split("/")[0]!, e.host, container!.spec!.network!.ofport);
+  await waitListening(started.container!.pid, port);
 }
 
 /** A program in the client's namespace; resolves with its stdout when it exits. */
@@ -74,7 +76,7 @@ async function removeEverywhere(name: string): Promise<void> {
 describe("live migration between two agents", () => {
   it("moves a TCP service 10 times back and forth with no reconnect, no lost and no duplicated bytes", async () => {
     const spec = specOf("echo", "10.77.0.10", ["/usr/local/bin/ferry-echo", "7000", "4"]);
-    await runContainer("edge-a", spec);
+    await runContainer("edge-a", spec, 7000);
     const client = inClient(bed.echoClient, [
       "10.77.0.10",
       "7000",
@@ -147,7 +149,7 @@ describe("live migration between two agents", () => {
 
   it("migrates with the memory pages dumped straight into the destination's page server", async () => {
     const spec = specOf("paged", "10.77.0.14", ["/usr/local/bin/ferry-echo", "7000", "32"]);
-    await runContainer("edge-a", spec);
+    await runContainer("edge-a", spec, 7000);
     const client = inClient(bed.echoClient, ["10.77.0.14", "7000", "--rate", "100000", "--drain", "15"]);
     await echoConnected(client);
     const plain = await migrateViaAgents(bed, spec, "edge-a", "edge-b", "paged-0");
@@ -174,8 +176,7 @@ describe("live migration between two agents", () => {
 
   it("keeps iperf3 -R running across a migration", async () => {
     const spec = specOf("iperf", "10.77.0.11", ["/usr/bin/iperf3", "-s", "-p", "5201"]);
-    await runContainer("edge-a", spec);
-    await new Promise((r) => setTimeout(r, 500));
+    await runContainer("edge-a", spec, 5201);
     const client = inClient("iperf3", ["-c", "10.77.0.11", "-p", "5201", "-R", "-t", "8", "-i", "0.5", "-b", "50M", "--json"]);
     await new Promise((r) => setTimeout(r, 2500));
     const t = await migrateViaAgents(bed, spec, "edge-a", "edge-b", "iperf-0");
@@ -192,8 +193,7 @@ describe("live migration between two agents", () => {
 
   it("keeps sockperf ping-pong running across a migration", async () => {
     const spec = specOf("sockperf", "10.77.0.12", ["/usr/bin/sockperf", "sr", "--tcp", "-i", "0.0.0.0", "-p", "11111"]);
-    await runContainer("edge-a", spec);
-    await new Promise((r) => setTimeout(r, 500));
+    await runContainer("edge-a", spec, 11111);
     const client = inClient("sockperf", ["pp", "--tcp", "-i", "10.77.0.12", "-p", "11111", "-t", "6", "--mps", "200"]);
     await new Promise((r) => setTimeout(r, 2000));
     await migrateViaAgents(bed, spec, "edge-a", "edge-b", "sockperf-0");
@@ -212,7 +212,7 @@ describe("live migration between two agents", () => {
     const a = bed.edges.get("edge-a")!;
     const b = bed.edges.get("edge-b")!;
     const spec = specOf("rollback", "10.77.0.13", ["/usr/local/bin/ferry-echo", "7000"]);
-    await runContainer("edge-a", spec);
+    await runContainer("edge-a", spec, 7000);
     const client = inClient(bed.echoClient, ["10.77.0.13", "7000", "--rate", "100000", "--drain", "15"]);
     await echoConnected(client);
     const e = (await migrateViaAgents(bed, spec, "edge-a", "edge-b", "rb-0").catch((x: unknown) => x)) as FerryError;
@@ -248,7 +248,7 @@ describe("bad input: the right status, a message naming the field, and nothing l
 
   beforeAll(async () => {
     // A service with a connected client runs throughout: every refusal below must leave it be.
-    await runContainer("edge-a", spec);
+    await runContainer("edge-a", spec, 7000);
     client = inClient(bed.echoClient, ["10.77.0.20", "7000", "--rate", "50000", "--drain", "10"]);
     await echoConnected(client);
   }, 60_000);
