@@ -388,6 +388,9 @@ describe("store service over gRPC", () => {
     expect((await stat(blobFile(dst, ref.digest))).size).toBe(size);
     const growthMiB = (peak - base) / MiB;
     console.log(`256 MiB pull: RSS growth ${growthMiB.toFixed(1)} MiB`);
-    expect(growthMiB).toBeLessThan(100);
+    // A pull that held the blob would grow by 256 MiB or more. A streaming one grows by the chunks
+    // in flight plus the garbage V8 lets pile up before it collects Buffers (it starts at ~64 MiB
+    // of external memory): 54 and 108 MiB in two runs of the suite, so the bound leaves room.
+    expect(growthMiB).toBeLessThan(160);
   });
 });
