@@ -138,7 +138,7 @@ export async function up(opts: UpOptions = {}): Promise<Testbed> {
   try {
     for (const h of HOSTS) {
       const host = tb.host(h);
-      await admin.registerHost({ name: h, address: `${host.underlayIp}:7441`, tlsServerName: h, underlayIp: host.underlayIp });
+      await admin.registerHost({ name: h, address: `${host.underlayIp}:7441`, tlsServerName: h, underlayIp: host.tunnelIp });
     }
     const digest = await importTestkit(tb);
     say(`image testkit (${digest.slice(0, 19)}…) on ${HOSTS.join(", ")}`);

@@ -141,7 +141,7 @@ export async function makeCluster(edges: string[], agentEnv: Record<string, Node
     await c.startController();
     for (const h of edges) {
       const host = tb.host(h);
-      const r = await c.ferry("host", "add", h, `${host.underlayIp}:7441`, "--underlay-ip", host.underlayIp);
+      const r = await c.ferry("host", "add", h, `${host.underlayIp}:7441`, "--underlay-ip", host.tunnelIp);
       if (r.code !== 0) throw new Error(`host add ${h}: ${r.err}`);
     }
     // The image on every edge host but the last: migrations to the last one are full (the image

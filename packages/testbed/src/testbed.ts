@@ -23,9 +23,12 @@ import { VXLAN_OFPORT_BASE, endpointFlows, type OverlayFlow } from "./flows.js";
  *   <prefix>underlay (netns): Linux bridge br-ul ── ul<N> ═ veth ═ ul0 ── in each host netns
  *
  *   <prefix><host> (netns), its own ovsdb-server + ovs-vswitchd (userspace datapath):
- *     br-phy   (netdev): port ul0, underlay IP on br-phy's internal interface. OVS's userspace
- *              tunnelling needs this: it routes VXLAN through its own route/neighbour tables,
- *              which it learns from the kernel for addresses on OVS bridges.
+ *     br-host  (Linux bridge): ul0, phy0, and the host's underlay IP: its own traffic (agents,
+ *              sshd, scp) takes the kernel's path, as a host's management traffic does beside a
+ *              userspace datapath, and not through a ovs-vswitchd that shares the CPU with it.
+ *     br-phy   (netdev): port phy1 (═ veth ═ phy0), the tunnel IP on br-phy's internal interface.
+ *              OVS's userspace tunnelling needs this: it routes VXLAN through its own
+ *              route/neighbour tables, which it learns from the kernel for addresses on OVS bridges.
  *     br-ferry (netdev, fail_mode=secure): the overlay. vx<N> = VXLAN to host N (ofport 1000+N),
  *              container / workload interfaces at their pinned ofports, flows as in flows.ts.
  *
@@ -41,6 +44,14 @@ export const OVERLAY_BRIDGE = "br-ferry";
 /** Cookie of {@link Testbed.routeSubnet}'s rules (outside the per-IP cookie range 0xfe_...). */
 const SUBNET_COOKIE = 0xfd_0000_0000;
 const PHYS_BRIDGE = "br-phy";
+/*
+ * LINK_OFFLOADS: what a host or the root namespace sends on its underlay link carries complete
+ * checksums. The benchmark's delay wires (bench/shaping.ts) splice each link with AF_PACKET, which
+ * reads a frame whose checksum the kernel left to the NIC as it is, and writes it on unfinished:
+ * the receiver would drop it.
+ */
+/** Each host's kernel bridge: its underlay link, its address, and the veth to br-phy. */
+const HOST_BRIDGE = "br-host";
 const PREFIX = /^ferry-[a-z0-9-]{0,30}$/;
 
 export interface TestbedOptions {
@@ -50,6 +61,8 @@ export interface TestbedOptions {
   stateRoot?: string;
   /** First three octets of the underlay /24, default "172.31.0" (private to the testbed's namespaces). */
   underlayNet?: string;
+  /** First three octets of the VXLAN endpoints' /24 on the same links, default "172.30.0". */
+  tunnelNet?: string;
   /** VXLAN network identifier of the overlay, default 77. */
   vni?: number;
   /**
@@ -135,7 +148,10 @@ export class EmulatedHost {
   constructor(
     readonly name: string,
     readonly index: number,
+    /** The host's own address on the underlay (br-host): its agent, sshd, ping. */
     readonly underlayIp: string,
+    /** OVS's VXLAN endpoint (br-phy): RegisterHost's underlay_ip. */
+    readonly tunnelIp: string,
     prefix: string,
     stateRoot: string,
   ) {
@@ -190,6 +206,7 @@ export class Testbed {
   readonly underlayNs: string;
   private readonly stateRoot: string;
   private readonly underlayNet: string;
+  private readonly tunnelNet: string;
   private readonly vni: number;
   private readonly log: Logger;
   /** ip → where it is routed, so hosts added later learn existing endpoints. */
@@ -206,6 +223,14 @@ export class Testbed {
     this.underlayNs = `${opts.prefix}underlay`;
     this.stateRoot = opts.stateRoot ?? "/run/ferry";
     this.underlayNet = opts.underlayNet ?? "172.31.0";
+    this.tunnelNet = opts.tunnelNet ?? "172.30.0";
+    if (this.tunnelNet === this.underlayNet) {
+      throw FerryError.invalid(
+        "tunnelNet",
+        `tunnelNet ${this.tunnelNet} is the underlay's subnet`,
+        "give the VXLAN endpoints a /24 of their own",
+      );
+    }
     this.vni = opts.vni ?? 77;
     this.log = opts.log ?? silentLogger;
   }
@@ -238,7 +263,9 @@ export class Testbed {
   static async destroyExisting(opts: TestbedOptions, hostNames: readonly string[], workloadNetns: readonly string[] = []): Promise<void> {
     const tb = new Testbed(opts);
     for (const n of workloadNetns) tb.workloads.push({ netns: n } as Workload);
-    hostNames.forEach((n, i) => tb.hosts.push(new EmulatedHost(validateName("hostNames", n), i + 1, "0.0.0.0", opts.prefix, tb.stateRoot)));
+    hostNames.forEach((n, i) =>
+      tb.hosts.push(new EmulatedHost(validateName("hostNames", n), i + 1, "0.0.0.0", "0.0.0.0", opts.prefix, tb.stateRoot)),
+    );
     await tb.destroy();
   }
 
@@ -271,10 +298,7 @@ export class Testbed {
     const link = this.rootLink;
     await exec("ip", ["link", "add", link, "type", "veth", "peer", "name", "ulroot", "netns", this.underlayNs]);
     await exec("ip", ["-n", this.underlayNs, "link", "set", "ulroot", "master", UNDERLAY_BRIDGE, "up"]);
-    // The far end of the underlay is OVS's userspace datapath (AF_PACKET on ul0), which passes a
-    // veth's partial checksums on to the host's tap, where the kernel drops them: TCP from here
-    // would never connect. Checksum in software on this side.
-    await exec("ethtool", ["-K", link, "tx", "off"]);
+    await exec("ethtool", ["-K", link, "tx", "off"]); // see LINK_OFFLOADS
     await exec("ip", ["-batch", "-"], { input: `addr add ${ip}/24 dev ${link}\nlink set ${link} up\n` });
     return ip;
   }
@@ -292,7 +316,9 @@ export class Testbed {
     if (index >= VXLAN_OFPORT_BASE) throw new FerryError("ResourceExhausted", "too many testbed hosts");
     const underlayIp = o.underlayIp ?? `${this.underlayNet}.${index}`;
     validateIpv4("underlayIp", underlayIp);
-    const host = new EmulatedHost(o.name, index, underlayIp, this.opts.prefix, this.stateRoot);
+    const tunnelIp = `${this.tunnelNet}.${index}`;
+    validateIpv4("tunnelNet", tunnelIp);
+    const host = new EmulatedHost(o.name, index, underlayIp, tunnelIp, this.opts.prefix, this.stateRoot);
     for (const h of this.hosts) {
       // Host namespaces must not be prefixes of each other's "<netns>-" children (destroy deletes those).
       if (
@@ -318,7 +344,32 @@ export class Testbed {
         [`link add ul${index} type veth peer name ul0 netns ${host.netns}`, `link set ul${index} master ${UNDERLAY_BRIDGE} up`].join("\n") +
         "\n",
     });
-    await exec("ip", ["-n", host.netns, "-batch", "-"], { input: "link set lo up\nlink set ul0 up\n" });
+    await exec("ip", ["-n", host.netns, "-batch", "-"], {
+      input:
+        [
+          "link set lo up",
+          `link add ${HOST_BRIDGE} type bridge`,
+          `link set ul0 master ${HOST_BRIDGE} up`,
+          "link add phy0 type veth peer name phy1",
+          `link set phy0 master ${HOST_BRIDGE} up`,
+          "link set phy1 up",
+          `link set ${HOST_BRIDGE} up`,
+          `addr add ${underlayIp}/24 dev ${HOST_BRIDGE}`,
+        ].join("\n") + "\n",
+    });
+    await host.run("ethtool", ["-K", "ul0", "tx", "off"]); // see LINK_OFFLOADS
+    // Two addresses on one segment, each answered only from its own interface: the tunnel IP's
+    // MAC must be br-phy's (peers' VXLAN would otherwise land in br-host's stack), the host IP's br-host's.
+    await exec("ip", [
+      "netns",
+      "exec",
+      host.netns,
+      "sysctl",
+      "-q",
+      "-w",
+      "net.ipv4.conf.all.arp_ignore=1",
+      "net.ipv4.conf.all.arp_announce=2",
+    ]);
 
     await mkdir(host.ovsDir, { recursive: true, mode: 0o700 });
     await exec("ovsdb-tool", ["create", `${host.ovsDir}/conf.db`, SCHEMA]);
@@ -348,14 +399,14 @@ export class Testbed {
     const owner = ["--", "set", "Bridge"];
     await host.vsctl([
       ...["--may-exist", "add-br", PHYS_BRIDGE, ...owner, PHYS_BRIDGE, "datapath_type=netdev", "external_ids:ferry-owner=testbed"],
-      ...["--", "--may-exist", "add-port", PHYS_BRIDGE, "ul0"],
+      ...["--", "--may-exist", "add-port", PHYS_BRIDGE, "phy1"],
       ...["--", "--may-exist", "add-br", OVERLAY_BRIDGE, ...owner, OVERLAY_BRIDGE, "datapath_type=netdev", "fail_mode=secure"],
       ...["protocols=OpenFlow10,OpenFlow13,OpenFlow14,OpenFlow15", "external_ids:ferry-owner=testbed"],
     ]);
-    // The underlay address on br-phy's tap: OVS caches the connected route and resolves
+    // The tunnel address on br-phy's tap: OVS caches the connected route and resolves
     // neighbours (ARP) through br-phy, which is what its userspace VXLAN needs.
     await exec("ip", ["-n", host.netns, "-batch", "-"], {
-      input: `addr add ${underlayIp}/24 dev ${PHYS_BRIDGE}\nlink set ${PHYS_BRIDGE} up\n`,
+      input: `addr add ${tunnelIp}/24 dev ${PHYS_BRIDGE}\nlink set ${PHYS_BRIDGE} up\n`,
     });
 
     host.role = o.role ?? "edge";
@@ -367,12 +418,10 @@ export class Testbed {
     }
     // Warm the neighbour caches: OVS drops a tunnelled packet while it resolves the remote VTEP.
     await Promise.all(
-      this.hosts
-        .filter((p) => p !== host)
-        .map((p) => host.run("busybox", ["ping", "-c", "1", "-W", "1", p.underlayIp], { okCodes: [0, 1] })),
+      this.hosts.filter((p) => p !== host).map((p) => host.run("busybox", ["ping", "-c", "1", "-W", "1", p.tunnelIp], { okCodes: [0, 1] })),
     );
     for (const [ip, r] of this.routes) await host.setFlows(endpointFlows(ip, this.portOn(host, r.holder, r.ofport)));
-    log.info({ ms: Math.round(performance.now() - t0), underlayIp }, "testbed host up");
+    log.info({ ms: Math.round(performance.now() - t0), underlayIp, tunnelIp }, "testbed host up");
     return host;
   }
 
@@ -380,7 +429,7 @@ export class Testbed {
     const { name, ofport } = on.vxlanPortTo(to);
     await on.vsctl([
       ...["--may-exist", "add-port", OVERLAY_BRIDGE, name, "--", "set", "Interface", name, "type=vxlan"],
-      ...[`options:remote_ip=${to.underlayIp}`, `options:local_ip=${on.underlayIp}`, `options:key=${this.vni}`, `ofport_request=${ofport}`],
+      ...[`options:remote_ip=${to.tunnelIp}`, `options:local_ip=${on.tunnelIp}`, `options:key=${this.vni}`, `ofport_request=${ofport}`],
       ...["--", "set", "Port", name, "external_ids:ferry-owner=testbed"],
     ]);
   }
