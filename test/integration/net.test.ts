@@ -217,6 +217,39 @@ describe.skipIf(!isRoot)("network layer (emulated hosts, OVS userspace, VXLAN)",
     expect(again.ofport).toBe(CT_OFPORT);
   });
 
+  it("of two creates with one IP at once, one wins; a namespace made outside Ferry still holds its IP", async () => {
+    const results = await Promise.allSettled([
+      nsB.create("twin-1", { ipCidr: "10.77.0.60/24" }),
+      nsB.create("twin-2", { ipCidr: "10.77.0.60/24" }),
+    ]);
+    const won = results.filter((r) => r.status === "fulfilled");
+    const lost = results.filter((r): r is PromiseRejectedResult => r.status === "rejected");
+    expect(won).toHaveLength(1);
+    expect(lost).toHaveLength(1);
+    expect((lost[0]!.reason as FerryError).code).toBe("AlreadyExists");
+    expect((lost[0]!.reason as FerryError).message).toContain("network.ip_cidr");
+    expect((await Promise.all([nsB.exists("twin-1"), nsB.exists("twin-2")])).filter(Boolean)).toHaveLength(1);
+    for (const c of ["twin-1", "twin-2"]) await nsB.clear(c);
+    // Cleared: the address is free again.
+    await nsB.create("twin-2", { ipCidr: "10.77.0.60/24" });
+    await nsB.clear("twin-2");
+
+    // A namespace of the prefix that this NetNs did not make (another agent process, before a
+    // restart) is read once, and its address refused.
+    const outside = `${b.netnsPrefix}outside`;
+    await exec("ip", ["netns", "add", outside]);
+    try {
+      await exec("ip", ["-n", outside, "-batch", "-"], { input: "addr add 10.77.0.61/24 dev lo\n" });
+      await expectFerryError(nsB.create("inside", { ipCidr: "10.77.0.61/24" }), "AlreadyExists", "network.ip_cidr");
+      expect(await nsB.exists("inside")).toBe(false);
+    } finally {
+      await exec("ip", ["netns", "del", outside]);
+    }
+    // Gone: its address is free.
+    await nsB.create("inside", { ipCidr: "10.77.0.61/24" });
+    await nsB.clear("inside");
+  });
+
   it("rejects bad names and inputs with InvalidArgument naming the field", async () => {
     await expectFerryError(nsA.create("Bad_Name", { ipCidr: "10.77.0.20/24" }), "InvalidArgument", "container");
     await expectFerryError(nsA.create("../etc", { ipCidr: "10.77.0.20/24" }), "InvalidArgument", "container");
