@@ -11,6 +11,9 @@
 # sources or libc. /opt/ferry/bin/criu runs it through the prefix's dynamic loader
 # (ld.so --library-path, no LD_LIBRARY_PATH, so tools that criu execs, such as iptables-restore,
 # keep the system libc) and /usr/local/sbin/criu points to it so that runc finds it through PATH.
+#
+# /opt/ferry/criu-tools/tar (criu-tar.c, static): the agent puts that directory first on CRIU's
+# PATH, so that an empty tmpfs mount is saved and restored without a tar and a gzip process.
 set -euo pipefail
 
 FERRY_PREFIX=${FERRY_PREFIX:-/opt/ferry}
@@ -292,6 +295,25 @@ setup_criu() {
   [ "$found" = "$CRIU_LINK" ] || die "criu on PATH is $found, not $CRIU_LINK"
 }
 
+# CRIU's "tar" for empty tmpfs mounts (criu-tar.c): the agent puts this directory first on the
+# PATH of runc, and so of CRIU (ferry-agent --criu-tools). Rebuilt when the source changes.
+CRIU_TOOLS=${FERRY_CRIU_TOOLS:-$FERRY_PREFIX/criu-tools}
+setup_criu_tools() {
+  local src tmp
+  src="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/criu-tar.c"
+  if [ -x "$CRIU_TOOLS/tar" ] && cmp -s "$src" "$CRIU_TOOLS/criu-tar.c"; then
+    say "ok: $CRIU_TOOLS/tar (CRIU's tar for empty tmpfs mounts)"
+    return 0
+  fi
+  mkdir -p "$CRIU_TOOLS"
+  tmp=$(mktemp "$CRIU_TOOLS/tar.XXXXXX")
+  gcc -O2 -static -Wall -Wextra -Werror -o "$tmp" "$src" || { rm -f "$tmp"; die "cannot build $src"; }
+  chmod 755 "$tmp"
+  mv -f "$tmp" "$CRIU_TOOLS/tar"
+  cp "$src" "$CRIU_TOOLS/criu-tar.c"
+  say "built: $CRIU_TOOLS/tar (CRIU's tar for empty tmpfs mounts)"
+}
+
 # ---------------------------------------------------------------------------------------------
 # 3. Summary
 # ---------------------------------------------------------------------------------------------
@@ -321,4 +343,5 @@ summary() {
 
 install_packages
 setup_criu
+setup_criu_tools
 summary

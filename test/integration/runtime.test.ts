@@ -6,7 +6,7 @@
  */
 import { spawn, type ChildProcess } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { mkdtemp, mkdir, readFile, rm, writeFile, chmod } from "node:fs/promises";
+import { mkdtemp, mkdir, readdir, readFile, rm, writeFile, chmod } from "node:fs/promises";
 import { existsSync } from "node:fs";
 import path from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -192,7 +192,11 @@ describe.skipIf(!ROOT)("container runtime (runc + CRIU)", () => {
     await createNetns();
 
     criu = new Criu({ path: "criu" });
-    runc = new Runc({ root: path.join(W, "runc"), criuPath: "criu" });
+    // CRIU's tar for empty tmpfs mounts, as setup.sh builds it for the agents
+    const criuTools = path.join(W, "criu-tools");
+    await mkdir(criuTools);
+    await exec("gcc", ["-O2", "-static", "-o", path.join(criuTools, "tar"), path.join(REPO, "deploy/host/criu-tar.c")]);
+    runc = new Runc({ root: path.join(W, "runc"), criuPath: "criu", criuTools });
     runtime = new ContainerRuntime({ stateDir: path.join(W, "state"), runc, criu, agentId: `t${sfx}`, log: silentLogger });
   });
 
@@ -301,6 +305,15 @@ describe.skipIf(!ROOT)("container runtime (runc + CRIU)", () => {
       expect(cp.stats.frozenMs).toBeGreaterThan(0);
       expect(cp.stats.imageBytes).toBeGreaterThan(8 * 1024 * 1024);
       frozenMs.push(cp.stats.frozenMs);
+      // CRIU saved the tmpfs mounts through criu-tar: the empty ones (/dev/shm and the two masked
+      // directories) in its own 1559-byte archive (gzip OS byte 255), /dev, which has entries, by
+      // GNU tar and gzip (OS byte 3).
+      const images = path.join(cp.checkpointDir, "images");
+      const tmpfs = await Promise.all(
+        (await readdir(images)).filter((f) => /^tmpfs-dev-.*\.tar\.gz\.img$/.test(f)).map((f) => readFile(path.join(images, f))),
+      );
+      expect(tmpfs.filter((b) => b.length === 1559 && b[9] === 255)).toHaveLength(3);
+      expect(tmpfs.filter((b) => b[9] === 3)).toHaveLength(1);
       expect((await runtime.inspect(name)).state).toBe(ContainerState.CONTAINER_STATE_CHECKPOINTED);
 
       // a migration's destination: a fresh namespace with the same address and the network lock

@@ -53,6 +53,8 @@ export interface AgentConfig {
   security: Security;
   criuPath: string;
   runcPath: string;
+  /** First on runc's (and so CRIU's) PATH: deploy/host/criu-tar.c as `tar`. None when empty. */
+  criuTools?: string;
   /** Namespace name prefix: "ferry-" gives /run/netns/ferry-<container>. Emulated hosts sharing a machine need their own. */
   netnsPrefix: string;
   /** This host's OVS instance (its ovsdb socket and run dir) and the overlay bridge. */
@@ -104,7 +106,13 @@ export async function createAgent(cfg: AgentConfig): Promise<Agent> {
   await criu.primeKdatCache().catch((e: unknown) => log.warn({ err: e }, "criu kdat cache not primed"));
   const runtime = new ContainerRuntime({
     stateDir: cfg.stateDir,
-    runc: new Runc({ root: path.join(cfg.stateDir, "runc"), criuPath: cfg.criuPath, binary: cfg.runcPath, log }),
+    runc: new Runc({
+      root: path.join(cfg.stateDir, "runc"),
+      criuPath: cfg.criuPath,
+      binary: cfg.runcPath,
+      ...(cfg.criuTools ? { criuTools: cfg.criuTools } : {}),
+      log,
+    }),
     criu,
     agentId: cfg.name,
     log,

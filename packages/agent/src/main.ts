@@ -1,6 +1,8 @@
 #!/usr/bin/env node
 // ferry-agent: the host agent. Runs as root on every edge host, under an init that reaps
 // orphans (`tini -s`): restored containers are re-parented to the nearest subreaper.
+import { access, constants } from "node:fs/promises";
+import path from "node:path";
 import { parseArgs } from "node:util";
 import { FerryError, asFerryError, createLogger, securityFromFlags, useLauncher } from "@ferry/common";
 import { startAgent } from "./agent.js";
@@ -15,6 +17,9 @@ const HELP = `usage: ferry-agent --name NAME [--listen ADDR] [--state-dir DIR] (
   --insecure         no TLS, no client authentication: local experiments only
   --criu PATH        CRIU binary (default: criu on PATH)
   --runc PATH        runc binary (default: runc on PATH)
+  --criu-tools DIR   put first on CRIU's PATH: its \`tar\` writes and reads an empty tmpfs
+                     mount's archive itself (deploy/host/criu-tar.c; default
+                     /opt/ferry/criu-tools when setup.sh built it there; "" for none)
   --netns-prefix P   container namespaces are /run/netns/<P><name> (default ferry-)
   --ovs-rundir DIR   this host's OVS run dir (default /var/run/openvswitch)
   --ovs-db SOCK      this host's ovsdb-server socket (default <ovs-rundir>/db.sock)
@@ -29,6 +34,26 @@ const HELP = `usage: ferry-agent --name NAME [--listen ADDR] [--state-dir DIR] (
 FERRY_FAILPOINTS (tests only) makes named RPCs fail on purpose, e.g. "restore=1".
 `;
 
+/** Where setup.sh builds deploy/host/criu-tar.c (FERRY_PREFIX/criu-tools). */
+const CRIU_TOOLS = "/opt/ferry/criu-tools";
+
+/** --criu-tools: absent, the default directory if setup.sh built it; "", none; else it must hold an executable tar. */
+async function criuTools(flag: string | undefined): Promise<string | undefined> {
+  const dir = flag ?? CRIU_TOOLS;
+  if (dir === "") return undefined;
+  const ok = await access(path.join(dir, "tar"), constants.X_OK).then(
+    () => true,
+    () => false,
+  );
+  if (ok) return path.resolve(dir);
+  if (flag === undefined) return undefined;
+  throw FerryError.invalid(
+    "--criu-tools",
+    `${dir} holds no executable tar`,
+    'run deploy/host/setup.sh (it builds one there), or pass "" for none',
+  );
+}
+
 async function main(): Promise<void> {
   const { values } = parseArgs({
     options: {
@@ -40,6 +65,7 @@ async function main(): Promise<void> {
       insecure: { type: "boolean", default: false },
       criu: { type: "string", default: "criu" },
       runc: { type: "string", default: "runc" },
+      "criu-tools": { type: "string" },
       "netns-prefix": { type: "string", default: "ferry-" },
       "ovs-rundir": { type: "string", default: "/var/run/openvswitch" },
       "ovs-db": { type: "string" },
@@ -62,6 +88,7 @@ async function main(): Promise<void> {
   }
   // runc, criu, ip, ovs-*: spawned by a small helper, so that no spawn stalls the calls being served.
   if (values.spawn === "helper") useLauncher();
+  const tools = await criuTools(values["criu-tools"]);
   const agent = await startAgent({
     name,
     listen: values.listen,
@@ -69,6 +96,7 @@ async function main(): Promise<void> {
     security,
     criuPath: values.criu,
     runcPath: values.runc,
+    criuTools: tools,
     netnsPrefix: values["netns-prefix"],
     ovs: { rundir: values["ovs-rundir"], dbSock: values["ovs-db"] ?? `${values["ovs-rundir"]}/db.sock` },
     bridge: values.bridge,
@@ -76,7 +104,7 @@ async function main(): Promise<void> {
     ...(process.env.FERRY_FAILPOINTS ? { failpoints: process.env.FERRY_FAILPOINTS } : {}),
     log,
   });
-  log.info({ port: agent.port, security: security.mode }, "agent listening");
+  log.info({ port: agent.port, security: security.mode, criuTools: tools ?? "none" }, "agent listening");
   // A line on stdout that a supervisor (the testbed) can wait for.
   process.stdout.write(`ferry-agent ready port=${agent.port}\n`);
   const stop = (): void => {

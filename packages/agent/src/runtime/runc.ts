@@ -61,6 +61,11 @@ export interface RuncOptions {
   root: string;
   /** `--criu`: the CRIU binary runc drives (default "criu" on PATH). */
   criuPath?: string;
+  /**
+   * A directory put first on runc's PATH, which CRIU inherits: programs CRIU runs by name there
+   * come from it (deploy/host/criu-tar.c as `tar`). None by default.
+   */
+  criuTools?: string;
   log?: Logger;
   /** Per-call timeout (default 120 s). */
   timeoutMs?: number;
@@ -99,6 +104,8 @@ export class Runc implements RuncApi {
   readonly root: string;
   private readonly binary: string;
   private readonly criuPath: string;
+  /** The environment of every runc process: PATH with {@link RuncOptions.criuTools} first. */
+  private readonly env: NodeJS.ProcessEnv | undefined;
   private readonly log: Logger;
   private readonly timeoutMs: number;
 
@@ -106,6 +113,9 @@ export class Runc implements RuncApi {
     this.root = opts.root;
     this.binary = opts.binary ?? "runc";
     this.criuPath = opts.criuPath ?? "criu";
+    this.env = opts.criuTools
+      ? { ...process.env, PATH: `${opts.criuTools}:${process.env.PATH ?? "/usr/sbin:/usr/bin:/sbin:/bin"}` }
+      : undefined;
     this.log = opts.log ?? silentLogger;
     this.timeoutMs = opts.timeoutMs ?? 120_000;
   }
@@ -117,7 +127,7 @@ export class Runc implements RuncApi {
   private async runc(args: string[], okCodes?: number[]): Promise<{ stdout: string; stderr: string; exitCode: number }> {
     const all = [...this.global(), ...args];
     this.log.debug({ args: all }, "runc");
-    return exec(this.binary, all, { timeoutMs: this.timeoutMs, ...(okCodes ? { okCodes } : {}) });
+    return exec(this.binary, all, { timeoutMs: this.timeoutMs, ...(okCodes ? { okCodes } : {}), ...(this.env ? { env: this.env } : {}) });
   }
 
   /** Detached launch with the stdio relay (see LAUNCH). */
@@ -126,6 +136,7 @@ export class Runc implements RuncApi {
     this.log.debug({ args: all }, "runc launch");
     await exec("setsid", ["bash", "-c", LAUNCH, "ferry-launch", opts.logFile, opts.runcLogFile, this.binary, ...all], {
       timeoutMs: this.timeoutMs,
+      ...(this.env ? { env: this.env } : {}),
     });
   }
 
