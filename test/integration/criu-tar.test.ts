@@ -125,4 +125,33 @@ describe.skipIf(!isRoot)("criu-tar (CRIU's tar for empty tmpfs mounts)", () => {
 
     expect((await exec(shim, ["--version"])).stdout).toMatch(/GNU tar/);
   });
+
+  it("the agent refuses a --criu-tools directory that is not root's alone, or holds no tar", async () => {
+    const agent = (tools: string): Promise<{ exitCode: number; stderr: string }> =>
+      exec(
+        process.execPath,
+        [
+          path.join(REPO, "packages/agent/dist/main.js"),
+          "--name",
+          "t",
+          "--insecure",
+          "--listen",
+          "127.0.0.1:0",
+          "--state-dir",
+          path.join(W, "state"),
+          "--criu-tools",
+          tools,
+        ],
+        { okCodes: [1] },
+      );
+    const open_ = path.join(W, "tools-open");
+    await mkdir(open_);
+    await exec("cp", [shim, path.join(open_, "tar")]);
+    await chmod(open_, 0o777);
+    let r = await agent(open_);
+    expect(r.stderr).toContain(`--criu-tools: ${open_} is not root's alone`);
+    expect(r.stderr).toContain("chmod go-w");
+    r = await agent(path.join(W, "nowhere"));
+    expect(r.stderr).toContain("holds no executable tar");
+  });
 });

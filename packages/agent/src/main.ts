@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 // ferry-agent: the host agent. Runs as root on every edge host, under an init that reaps
 // orphans (`tini -s`): restored containers are re-parented to the nearest subreaper.
-import { access, constants } from "node:fs/promises";
+import { access, constants, stat } from "node:fs/promises";
 import path from "node:path";
 import { parseArgs } from "node:util";
 import { FerryError, asFerryError, createLogger, securityFromFlags, useLauncher } from "@ferry/common";
@@ -37,21 +37,38 @@ FERRY_FAILPOINTS (tests only) makes named RPCs fail on purpose, e.g. "restore=1"
 /** Where setup.sh builds deploy/host/criu-tar.c (FERRY_PREFIX/criu-tools). */
 const CRIU_TOOLS = "/opt/ferry/criu-tools";
 
-/** --criu-tools: absent, the default directory if setup.sh built it; "", none; else it must hold an executable tar. */
+/**
+ * --criu-tools: absent, the default directory if setup.sh built it; "", none; else it must hold
+ * an executable tar. CRIU runs as root what it finds there: the directory and the tar must be
+ * root's and writable by no one else.
+ */
 async function criuTools(flag: string | undefined): Promise<string | undefined> {
-  const dir = flag ?? CRIU_TOOLS;
-  if (dir === "") return undefined;
-  const ok = await access(path.join(dir, "tar"), constants.X_OK).then(
+  const dir = path.resolve(flag ?? CRIU_TOOLS);
+  if (flag === "") return undefined;
+  const tar = path.join(dir, "tar");
+  const found = await access(tar, constants.X_OK).then(
     () => true,
     () => false,
   );
-  if (ok) return path.resolve(dir);
-  if (flag === undefined) return undefined;
-  throw FerryError.invalid(
-    "--criu-tools",
-    `${dir} holds no executable tar`,
-    'run deploy/host/setup.sh (it builds one there), or pass "" for none',
-  );
+  if (!found) {
+    if (flag === undefined) return undefined;
+    throw FerryError.invalid(
+      "--criu-tools",
+      `${dir} holds no executable tar`,
+      'run deploy/host/setup.sh (it builds one there), or pass "" for none',
+    );
+  }
+  for (const p of [dir, tar]) {
+    const st = await stat(p);
+    if (st.uid !== 0 || (st.mode & 0o022) !== 0) {
+      throw FerryError.invalid(
+        "--criu-tools",
+        `${p} is not root's alone (uid ${st.uid}, mode ${(st.mode & 0o777).toString(8)})`,
+        `chown root ${p} && chmod go-w ${p}`,
+      );
+    }
+  }
+  return dir;
 }
 
 async function main(): Promise<void> {
