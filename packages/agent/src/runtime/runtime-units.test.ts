@@ -1,6 +1,7 @@
 import { readFileSync } from "node:fs";
+import { spawn } from "node:child_process";
 import net from "node:net";
-import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
+import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { describe, expect, it } from "vitest";
@@ -8,7 +9,7 @@ import { ContainerState } from "@ferry/api/agent";
 import { encodeCriuStats, IMG_SERVICE_MAGIC, parseCriuStats, STATS_MAGIC } from "./criu-stats.js";
 import { KeyedMutex } from "./keyed-mutex.js";
 import { buildOciConfig } from "./oci.js";
-import { establishedConnections, formatIpv6, parseProcNetTcp } from "./proc-net.js";
+import { establishedConnections, formatIpv6, openTcpTables, parseProcNetTcp } from "./proc-net.js";
 import { validateCheckpointId } from "./container-runtime.js";
 import { readRuncState } from "./runc.js";
 
@@ -102,6 +103,34 @@ describe("/proc/net/tcp parsing", () => {
     expect(f([0x2001, 0xdb8, 1, 1, 1, 1, 0, 1])).toBe("2001:db8:1:1:1:1:0:1");
     expect(f([0, 0, 0, 0, 0, 0xffff, 0x0a00, 0x0001])).toBe("::ffff:10.0.0.1");
     expect(f([0, 0, 0, 0, 0, 0, 0x0a00, 0x0001])).toBe("::10.0.0.1");
+  });
+
+  it("reads tables opened while a process lived after it is gone (its namespace is held)", async () => {
+    const server = net.createServer();
+    await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
+    const port = (server.address() as net.AddressInfo).port;
+    const accepted = new Promise<net.Socket>((r) => server.once("connection", r));
+    const client = net.connect(port, "127.0.0.1");
+    await new Promise((r) => client.once("connect", r));
+    const peer = await accepted;
+    const child = spawn("sleep", ["30"], { stdio: "ignore" });
+    try {
+      const tables = await openTcpTables(child.pid!);
+      child.kill("SIGKILL");
+      await new Promise((r) => child.once("exit", r));
+      await expect(readFile(`/proc/${child.pid}/net/tcp`)).rejects.toMatchObject({ code: "ENOENT" });
+      expect(await tables.read()).toContainEqual({
+        localAddress: "127.0.0.1",
+        localPort: port,
+        remoteAddress: "127.0.0.1",
+        remotePort: client.localPort,
+      });
+    } finally {
+      child.kill("SIGKILL");
+      client.destroy();
+      peer.destroy();
+      server.close();
+    }
   });
 
   it("finds this process's own loopback connection, both ends, IPv4 and IPv6", async () => {
