@@ -168,7 +168,6 @@ export class NetNs implements NetNsApi {
       return { path, veth: port, ofport: cur.ofport!, mac };
     }
     await this.claimIp(cidr.ip, name);
-    this.creating.add(name);
     try {
       try {
         await exec("ip", ["netns", "add", name]);
@@ -233,7 +232,8 @@ export class NetNs implements NetNsApi {
   /**
    * Record `ip` as namespace `self`'s, or AlreadyExists when another namespace of this prefix
    * holds it. The check and the record happen in one turn of the event loop, after the probes:
-   * of two creates with the same address at once, the second is refused.
+   * of two creates with the same address at once, the second is refused. The caller removes
+   * `self` from {@link creating} when its create ends.
    */
   private async claimIp(ip: string, self: string): Promise<void> {
     const names = new Set((await readdir(this.dir).catch(() => [] as string[])).filter((n) => n.startsWith(this.cfg.prefix)));
@@ -254,6 +254,7 @@ export class NetNs implements NetNsApi {
       });
     }
     this.addresses.set(self, [ip]);
+    this.creating.add(self); // until create() ends: not yet in the directory, yet claimed
   }
 
   private async observe(container: string): Promise<Observed> {
