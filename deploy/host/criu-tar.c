@@ -154,10 +154,10 @@ static int extract(const char *dir) {
     mode_t mode = (mode_t)field(tar + 100, 8, &ok);
     uid_t uid = (uid_t)field(tar + 108, 8, &ok);
     gid_t gid = (gid_t)field(tar + 116, 8, &ok);
-    ok &= field(tar + 124, 12, &ok) == 0;
+    unsigned long long size = field(tar + 124, 12, &ok);
     time_t mtime = (time_t)field(tar + 136, 12, &ok);
-    ok &= field(tar + 148, 7, &ok) == header_sum(tar) && tar[155] == ' ';
-    if (!ok) return 0;
+    unsigned long long sum = field(tar + 148, 7, &ok);
+    if (!ok || size != 0 || sum != header_sum(tar) || tar[155] != ' ') return 0;
     int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     const struct timespec times[2] = {{.tv_nsec = UTIME_OMIT}, {.tv_sec = mtime}};
     /* as GNU tar sets a directory's status: owner first (it clears set-id bits), then mode */

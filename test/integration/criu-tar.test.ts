@@ -123,6 +123,17 @@ describe.skipIf(!isRoot)("criu-tar (CRIU's tar for empty tmpfs mounts)", () => {
     expect(r.exitCode).toBe(0);
     expect(await statOf(piped)).toBe(await statOf(src));
 
+    // a damaged copy of its own archive is not taken for one: GNU tar gets it, and refuses it
+    const bad = path.join(W, "bad.tgz");
+    const copy = await readFile(own);
+    copy[15 + 100] ^= 1; // a byte of the mode field: the CRC no longer matches
+    await writeFile(bad, copy);
+    const untouched = path.join(W, "untouched");
+    await mkdir(untouched);
+    const before = await statOf(untouched);
+    expect((await run(shim, extractArgs(untouched), bad)).code).not.toBe(0);
+    expect(await statOf(untouched)).toBe(before);
+
     expect((await exec(shim, ["--version"])).stdout).toMatch(/GNU tar/);
   });
 
