@@ -126,7 +126,7 @@ describe.skipIf(!isRoot)("criu-tar (CRIU's tar for empty tmpfs mounts)", () => {
     // a damaged copy of its own archive is not taken for one: GNU tar gets it, and refuses it
     const bad = path.join(W, "bad.tgz");
     const copy = await readFile(own);
-    copy[15 + 100] ^= 1; // a byte of the mode field: the CRC no longer matches
+    copy.writeUInt8(copy.readUInt8(15 + 100) ^ 1, 15 + 100); // a byte of the mode field: the CRC no longer matches
     await writeFile(bad, copy);
     const untouched = path.join(W, "untouched");
     await mkdir(untouched);
