@@ -481,12 +481,15 @@ export class ContainerRuntime {
       await mkdir(imagesDir, { recursive: true });
       await mkdir(workDir, { recursive: true });
 
-      // The TCP tables are opened before the freeze and read while CRIU dumps (an open table
-      // holds the namespace): ~8 ms of hash walk that the checkpoint no longer waits for.
-      const tables = opts.tcpEstablished ? await openTcpTables(st.pid) : undefined;
-      const reading = tables?.read();
-      reading?.catch(() => undefined); // awaited below; never an unhandled rejection
+      // The TCP tables are walked (~8 ms) while the cgroup freezes, and read in full before CRIU
+      // starts: a frozen container's sockets are all still there, a dumped one's are gone.
+      const reading = opts.tcpEstablished ? (await openTcpTables(st.pid)).read() : Promise.resolve([]);
+      reading.catch(() => undefined); // awaited below; never an unhandled rejection
       await this.freeze(name);
+      const connections = await reading.catch(async (e: unknown) => {
+        await this.thaw(name);
+        throw e;
+      });
       try {
         await this.runc.checkpoint(name, {
           imagePath: imagesDir,
@@ -512,7 +515,6 @@ export class ContainerRuntime {
           containerState: after?.status ?? "unknown",
         });
       }
-      const connections = (await reading) ?? [];
       const dump = (await this.criu.readStats(workDir, "dump")) ?? (await this.criu.readStats(imagesDir, "dump"));
       const stats: CheckpointStats = {
         freezingMs: usToMs(dump?.dump?.freezingTimeUs),
