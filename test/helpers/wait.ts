@@ -1,5 +1,5 @@
 import type { ChildProcess } from "node:child_process";
-import { readFile } from "node:fs/promises";
+import { openTcpTables } from "@ferry/agent";
 
 /** Polls `ok` every 100 ms until it holds; fails naming `what` after `ms`. */
 export async function waitFor(what: string, ok: () => Promise<boolean> | boolean, ms = 10_000): Promise<void> {
@@ -32,21 +32,9 @@ export async function echoConnected(client: { child: ChildProcess; stderr(): str
  * a just-started server is not listening yet, and a client started then is refused.
  */
 export async function waitListening(pid: number, port: number, ms = 15_000): Promise<void> {
-  const local = `:${port.toString(16).toUpperCase().padStart(4, "0")}`;
-  const listens = (table: string): boolean =>
-    table
-      .split("\n")
-      .slice(1)
-      .some((line) => {
-        const cols = line.trim().split(/\s+/);
-        return cols[3] === "0A" && cols[1]!.endsWith(local); // 0A: TCP_LISTEN
-      });
   await waitFor(
     `port ${port} to listen in the namespace of pid ${pid}`,
-    async () => {
-      const [v4, v6] = await Promise.all(["tcp", "tcp6"].map((t) => readFile(`/proc/${pid}/net/${t}`, "utf8")));
-      return listens(v4!) || listens(v6!);
-    },
+    async () => (await (await openTcpTables(pid)).read("listen")).some((s) => s.localPort === port),
     ms,
   );
 }

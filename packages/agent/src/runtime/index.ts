@@ -17,5 +17,5 @@ export type { DumpStats, RestoreStats, StatsEntry } from "./criu-stats.js";
 export { Runc, readPidFile } from "./runc.js";
 export type { RuncApi, RuncOptions, RuncState, LaunchOptions } from "./runc.js";
 export { buildOciConfig } from "./oci.js";
-export { establishedConnections, parseProcNetTcp } from "./proc-net.js";
+export { establishedConnections, openTcpTables, parseProcNetTcp, TCP_STATE, type TcpTables } from "./proc-net.js";
 export { KeyedMutex } from "./keyed-mutex.js";
