@@ -5,8 +5,15 @@
 // moves edge-a -> edge-b -> edge-a with a checking client connected. Prints the medians of each
 // mode (downtime, checkpoint, transfer, restore, the gap the client saw) and the ratios B/A.
 //   npx tsx --conditions=source bench/launcher-ab.ts [--rounds N]
+import { readFileSync } from "node:fs";
 import { parseArgs } from "node:util";
 import { destroyBeds, echoUnderTest, makeBed, median, migrateViaAgents, type MigrationTimes } from "../test/helpers/agents.js";
+
+/** The whole machine's busy CPU so far, ms (/proc/stat, USER_HZ = 100): every process of the migration. */
+function busyCpuMs(): number {
+  const f = readFileSync("/proc/stat", "utf8").split("\n", 1)[0]!.trim().split(/\s+/).slice(1).map(Number);
+  return (f[0]! + f[1]! + f[2]! + f[5]! + f[6]! + f[7]!) * 10;
+}
 
 const { values } = parseArgs({ options: { rounds: { type: "string", default: "6" } } });
 const rounds = Number(values.rounds);
@@ -15,7 +22,7 @@ const bed = await makeBed(["edge-a", "edge-b"]);
 try {
   const echo = await echoUnderTest(bed, "ab", "10.77.0.51");
   const { spec, t0 } = echo;
-  const runs: { variant: "A" | "B"; t: MigrationTimes; atMs: number }[] = [];
+  const runs: { variant: "A" | "B"; t: MigrationTimes; atMs: number; wallMs: number; cpuMs: number }[] = [];
   let where = "edge-a";
   for (let i = 0; i < rounds * 2; i++) {
     const variant = i % 2 === 0 ? "A" : "B";
@@ -24,7 +31,10 @@ try {
     for (let leg = 0; leg < 2; leg++) {
       const to = where === "edge-a" ? "edge-b" : "edge-a";
       const atMs = Date.now() - t0;
-      runs.push({ variant, t: await migrateViaAgents(bed, spec, where, to, `ab-${i}-${leg}`), atMs });
+      const cpu0 = busyCpuMs();
+      const w0 = performance.now();
+      const t = await migrateViaAgents(bed, spec, where, to, `ab-${i}-${leg}`);
+      runs.push({ variant, t, atMs, wallMs: performance.now() - w0, cpuMs: busyCpuMs() - cpu0 });
       where = to;
       await new Promise((r) => setTimeout(r, 1500));
     }
@@ -42,6 +52,8 @@ try {
       transfer_ms: m((r) => r.t.transferMs),
       restore_ms: m((r) => r.t.restoreMs),
       client_gap_ms: m(gapOf),
+      wall_ms: m((r) => r.wallMs),
+      cpu_ms: m((r) => r.cpuMs),
     };
   };
   const A = stat("A");
@@ -54,6 +66,8 @@ try {
         B,
         ratio_downtime: +(B.downtime_ms / A.downtime_ms).toFixed(2),
         ratio_gap: +(B.client_gap_ms / A.client_gap_ms).toFixed(2),
+        ratio_wall: +(B.wall_ms / A.wall_ms).toFixed(2),
+        ratio_cpu: +(B.cpu_ms / A.cpu_ms).toFixed(2),
         errors: report.errors,
         lost: report.sent - report.checked,
       },

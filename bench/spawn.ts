@@ -3,6 +3,7 @@
 // the launcher's helper. Per way and ballast: the exec's latency, and how long a timer that
 // should fire every millisecond was held up (the stall every other call on the loop feels).
 //   npx tsx --conditions=source bench/spawn.ts [--ballast 100,250] [--rounds 6]
+import { readFileSync } from "node:fs";
 import { monitorEventLoopDelay } from "node:perf_hooks";
 import { parseArgs } from "node:util";
 import { exec, useLauncher } from "@ferry/common";
@@ -33,35 +34,50 @@ async function round(): Promise<{ execMs: number[]; stallMaxMs: number; stallP99
   return { execMs, stallMaxMs: h.max / 1e6, stallP99Ms: h.percentile(99) / 1e6 };
 }
 
-console.log("ballast  rss MiB  way           exec median ms  loop stall p99 ms  loop stall max ms");
+/** The whole machine's busy CPU so far, ms (/proc/stat, USER_HZ = 100): a helper's own CPU included. */
+function busyCpuMs(): number {
+  const f = readFileSync("/proc/stat", "utf8").split("\n", 1)[0]!.trim().split(/\s+/).slice(1).map(Number);
+  return (f[0]! + f[1]! + f[2]! + f[5]! + f[6]! + f[7]!) * 10;
+}
+
+const WAYS: Record<string, () => () => void> = {
+  local: () => () => undefined,
+  launcher: useLauncher,
+};
+type Round = Awaited<ReturnType<typeof round>> & { cpuMs: number };
+console.log("ballast  rss MiB  way           exec median ms  CPU per exec ms  loop stall p99 ms  loop stall max ms");
 for (const mib of flags.ballast.split(",").map(Number)) {
   // Touched memory, as an agent's heap and buffers are: what fork must copy page tables for.
   while (ballast.length < mib) ballast.push(Buffer.alloc(1 << 20, 1));
-  const res = { local: [] as Awaited<ReturnType<typeof round>>[], launcher: [] as Awaited<ReturnType<typeof round>>[] };
-  await round(); // warm-up of both ways
-  const stop = useLauncher();
-  await round();
-  stop();
-  for (let r = 0; r < ROUNDS; r++) {
-    res.local.push(await round());
-    const uninstall = useLauncher();
-    res.launcher.push(await round());
-    uninstall();
+  const res: Record<string, Round[]> = Object.fromEntries(Object.keys(WAYS).map((w) => [w, []]));
+  for (let r = -1; r < ROUNDS; r++) {
+    for (const [way, install] of Object.entries(WAYS)) {
+      const uninstall = install();
+      const cpu0 = busyCpuMs();
+      const x = await round();
+      const cpuMs = (busyCpuMs() - cpu0) / PER_ROUND;
+      uninstall();
+      if (r >= 0) res[way]!.push({ ...x, cpuMs }); // round -1 warms every way up
+    }
   }
   const rss = Math.round(process.memoryUsage().rss / 2 ** 20);
-  const sum: Record<string, { exec: number; p99: number; max: number }> = {};
+  const sum: Record<string, { exec: number; cpu: number; p99: number; max: number }> = {};
   for (const [way, rs] of Object.entries(res)) {
-    sum[way] = {
+    const s = (sum[way] = {
       exec: median(rs.flatMap((r) => r.execMs)),
+      cpu: median(rs.map((r) => r.cpuMs)),
       p99: median(rs.map((r) => r.stallP99Ms)),
       max: median(rs.map((r) => r.stallMaxMs)),
-    };
-    const s = sum[way];
+    });
     console.log(
-      `${String(mib).padStart(7)}  ${String(rss).padStart(7)}  ${way.padEnd(12)}  ${s.exec.toFixed(2).padStart(14)}  ${s.p99.toFixed(2).padStart(17)}  ${s.max.toFixed(2).padStart(17)}`,
+      `${String(mib).padStart(7)}  ${String(rss).padStart(7)}  ${way.padEnd(12)}  ${s.exec.toFixed(2).padStart(14)}  ${s.cpu.toFixed(2).padStart(15)}  ${s.p99.toFixed(2).padStart(17)}  ${s.max.toFixed(2).padStart(17)}`,
     );
   }
-  console.log(
-    `${"".padStart(7)}  launcher / in process: exec ${(sum.launcher!.exec / sum.local!.exec).toFixed(2)}x, loop stall max ${(sum.launcher!.max / sum.local!.max).toFixed(2)}x`,
-  );
+  const l = sum.local!;
+  for (const way of Object.keys(WAYS).slice(1)) {
+    const w = sum[way]!;
+    console.log(
+      `${"".padStart(7)}  ${way} / local: exec ${(w.exec / l.exec).toFixed(2)}x, CPU ${(w.cpu / l.cpu).toFixed(2)}x, loop stall max ${(w.max / l.max).toFixed(2)}x`,
+    );
+  }
 }

@@ -27,9 +27,10 @@ const HELP = `usage: ferry-agent --name NAME [--listen ADDR] [--state-dir DIR] (
   --page-server-address IP
                      where CRIU page servers listen (default: the --listen host)
   --spawn helper|in-process
-                     who spawns runc, criu, ip, ovs-*: a small helper process (default),
-                     or the agent itself (each spawn then stalls the agent ~0.06 ms per MiB
-                     of its resident size: fork copies its page tables)
+                     who spawns runc, criu, ip, ovs-*: a small helper process (default;
+                     ferry-spawn, built by \`make build\`), or the agent itself (each spawn
+                     then stalls the agent ~0.06 ms per MiB of its resident size: fork copies
+                     its page tables)
 
 FERRY_FAILPOINTS (tests only) makes named RPCs fail on purpose, e.g. "restore=1".
 `;

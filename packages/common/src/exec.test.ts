@@ -1,7 +1,10 @@
 import { spawn } from "node:child_process";
+import { mkdtempSync, readlinkSync, rmSync, writeFileSync } from "node:fs";
+import os from "node:os";
+import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { ExecError, exec, isRunning, processStat, useLauncher } from "./exec.js";
+import { ExecError, LAUNCHER_HELPER, exec, isRunning, processStat, useLauncher } from "./exec.js";
 
 // The same behaviour whether this process spawns or the launcher's helper does.
 describe.each([
@@ -77,6 +80,26 @@ describe.each([
     expect(e.message).toContain("/nonexistent/ferry-tool a");
   });
 
+  it("looks a bare command up in the PATH it is given", async () => {
+    const dir = mkdtempSync(path.join(os.tmpdir(), "ferry-exec-"));
+    try {
+      writeFileSync(path.join(dir, "ferry-exec-probe"), "#!/bin/sh\necho found $1\n", { mode: 0o755 });
+      const r = await exec("ferry-exec-probe", ["it"], { env: { PATH: `/nonexistent:${dir}:${process.env.PATH}` } });
+      expect(r.stdout).toBe("found it\n");
+      const e = (await exec("ferry-exec-probe", [], { env: { PATH: "/nonexistent" } }).catch((x: unknown) => x)) as ExecError;
+      expect(e.reason).toBe("spawn");
+      expect(e.message).toContain("ENOENT");
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it("captures at most 8 MiB a stream, and still waits for the program's end", async () => {
+    const r = await exec("sh", ["-c", "head -c 10000000 /dev/zero; echo done >&2"]);
+    expect(r.stdout.length).toBe(8 * 1024 * 1024);
+    expect(r.stderr).toBe("done\n");
+  });
+
   it("runs many at once", async () => {
     const rs = await Promise.all(Array.from({ length: 20 }, (_, i) => exec("sh", ["-c", `echo ${i}`])));
     expect(rs.map((r) => r.stdout.trim())).toEqual(Array.from({ length: 20 }, (_, i) => String(i)));
@@ -91,6 +114,7 @@ describe("the launcher", () => {
       const helper = await parent();
       expect(helper).not.toBe(process.pid);
       expect((await exec("ps", ["-o", "ppid=", "-p", String(helper)])).stdout.trim()).toBe(String(process.pid));
+      expect(readlinkSync(`/proc/${helper}/exe`)).toBe(LAUNCHER_HELPER);
       // Kill the helper while it runs a program: that call fails, saying why; the next one works.
       const running = exec("sleep", ["5"]);
       await new Promise((r) => setTimeout(r, 100));

@@ -1,5 +1,10 @@
 import { spawn, type ChildProcess } from "node:child_process";
-import { readFileSync } from "node:fs";
+import { accessSync, constants as fsConstants, readFileSync } from "node:fs";
+import type { Socket } from "node:net";
+import { constants as osConstants } from "node:os";
+import type { Writable } from "node:stream";
+import { fileURLToPath } from "node:url";
+import { FerryError } from "./errors.js";
 
 export interface ExecOptions {
   /** Written to the child's stdin, which is then closed. */
@@ -38,7 +43,7 @@ export class ExecError extends Error {
   }
 }
 
-/** One program to run, as it crosses to the launcher (structured-clone safe). */
+/** One program to run, as it crosses to the launcher. */
 interface RunRequest {
   command: string;
   args: readonly string[];
@@ -60,16 +65,15 @@ interface RunOutcome {
 }
 
 /**
- * Spawn, capture (capped at 8 MiB a stream), SIGKILL on timeout or `kill()`. Self-contained on
- * purpose (no imports, nothing from the enclosing scope): the launcher runs this function's
- * source text in its helper process, so both ways run the same code.
+ * Spawn from this process, capture (capped at 8 MiB a stream), SIGKILL on timeout or `kill()`:
+ * what the launcher's helper does too (see below).
  */
-function runProgram(spawnFn: typeof spawn, req: RunRequest, done: (o: RunOutcome) => void): { kill(): void } {
+function runProgram(req: RunRequest, done: (o: RunOutcome) => void): { kill(): void } {
   const MAX_CAPTURE = 8 * 1024 * 1024;
   const started = performance.now();
   let child: ChildProcess;
   try {
-    child = spawnFn(req.command, req.args, { env: req.env ?? process.env, cwd: req.cwd, stdio: ["pipe", "pipe", "pipe"] });
+    child = spawn(req.command, req.args, { env: req.env ?? process.env, cwd: req.cwd, stdio: ["pipe", "pipe", "pipe"] });
   } catch (e) {
     const durationMs = performance.now() - started;
     done({ stdout: "", stderr: "", code: null, signal: null, spawnError: (e as Error).message, durationMs });
@@ -88,11 +92,11 @@ function runProgram(spawnFn: typeof spawn, req: RunRequest, done: (o: RunOutcome
     done({ ...o, ...(why ? { why } : {}), durationMs: performance.now() - started });
   };
   child.stdout!.on("data", (b: Buffer) => {
-    if (outLen < MAX_CAPTURE) out.push(b);
+    if (outLen < MAX_CAPTURE) out.push(b.subarray(0, MAX_CAPTURE - outLen));
     outLen += b.length;
   });
   child.stderr!.on("data", (b: Buffer) => {
-    if (errLen < MAX_CAPTURE) err.push(b);
+    if (errLen < MAX_CAPTURE) err.push(b.subarray(0, MAX_CAPTURE - errLen));
     errLen += b.length;
   });
   const timer = setTimeout(() => {
@@ -125,7 +129,7 @@ const inProcess: Runner = {
   run: (req, signal) =>
     new Promise((resolve) => {
       const onAbort = (): void => h.kill();
-      const h = runProgram(spawn, req, (o) => {
+      const h = runProgram(req, (o) => {
         signal?.removeEventListener("abort", onAbort);
         resolve(o);
       });
@@ -200,30 +204,81 @@ export function isRunning(pid: number, startTime?: number): boolean {
  * the page tables of the whole process: each spawn stalls the event loop in proportion to the
  * resident size (1 ms at 44 MiB, 14 ms at 245 MiB on this machine). An agent holds about 100 MiB
  * and runs ip, ovs-vsctl, ovs-ofctl and runc for nearly every call, so every spawn would hold up
- * every other call it is serving, migrations in parallel above all. The helper is a bare Node
- * process (about 40 MiB, no modules) that runs `runProgram` on request over an IPC channel; it
- * exits when its parent does. It inherits the parent's namespaces, cwd and environment.
+ * every other call it is serving, migrations in parallel above all. The helper is `ferry-spawn`
+ * (../native/ferry-spawn.c, built by `npm run build` into dist/): it starts each program with
+ * posix_spawn (no page tables copied), feeds it, captures it, kills it on a timeout or an abort,
+ * and answers when it has closed its outputs and exited. Frames over the helper's stdin and stdout;
+ * the protocol is written at the top of the C file. It inherits this process's namespaces, cwd
+ * and environment, and exits when this process does (its stdin closes).
  */
-const HELPER_SOURCE = `"use strict";
-const { spawn } = require("node:child_process");
-// Run from TypeScript sources (tsx, vitest), esbuild's keepNames wraps functions in __name().
-const __name = (f) => f;
-const runProgram = ${runProgram.toString()};
-const running = new Map();
-process.on("message", (m) => {
-  if (m.t === "run") {
-    running.set(m.id, runProgram(spawn, m.req, (out) => {
-      running.delete(m.id);
-      process.send({ id: m.id, out });
-    }));
-  } else if (m.t === "kill") running.get(m.id)?.kill();
-});
-process.on("disconnect", () => process.exit(0));
-`;
+export const LAUNCHER_HELPER = fileURLToPath(new URL("../dist/ferry-spawn", import.meta.url));
 
-/** One helper process and the programs it is running for us. */
+const SIGNAL_NAMES = new Map(Object.entries(osConstants.signals).map(([name, n]) => [n, name]));
+
+function str(s: string | Uint8Array): Buffer[] {
+  const b = typeof s === "string" ? Buffer.from(s) : Buffer.from(s.buffer, s.byteOffset, s.byteLength);
+  const n = Buffer.alloc(4);
+  n.writeUInt32LE(b.length);
+  return [n, b];
+}
+
+function u32(v: number): Buffer {
+  const b = Buffer.alloc(4);
+  b.writeUInt32LE(v);
+  return b;
+}
+
+function frame(parts: Buffer[]): Buffer {
+  const body = Buffer.concat(parts);
+  return Buffer.concat([u32(body.length), body]);
+}
+
+function runFrame(id: number, req: RunRequest): Buffer {
+  const env = req.env ? Object.entries(req.env).filter((kv): kv is [string, string] => kv[1] !== undefined) : undefined;
+  const flags = (env ? 1 : 0) | (req.cwd !== undefined ? 2 : 0);
+  return frame([
+    Buffer.from([1]),
+    u32(id),
+    u32(Math.min(Math.max(0, Math.round(req.timeoutMs)), 0xffffffff)),
+    Buffer.from([flags]),
+    ...str(req.command),
+    u32(req.args.length + 1),
+    ...[req.command, ...req.args].flatMap((a) => str(a)),
+    ...(env ? [u32(env.length), ...env.flatMap(([k, v]) => str(`${k}=${v}`))] : []),
+    ...(req.cwd !== undefined ? str(req.cwd) : []),
+    ...str(req.input ?? ""),
+  ]);
+}
+
+/** One answer frame's body (see the C file). */
+function parseAnswer(b: Buffer): { id: number; out: RunOutcome } {
+  const id = b.readUInt32LE(0);
+  const how = b.readUInt8(4);
+  const value = b.readInt32LE(5);
+  const why = b.readUInt8(9);
+  const durationMs = b.readUInt32LE(10) / 1000;
+  const outLen = b.readUInt32LE(14);
+  const stdout = b.toString("utf8", 18, 18 + outLen);
+  const errAt = 18 + outLen;
+  const stderr = b.toString("utf8", errAt + 4, errAt + 4 + b.readUInt32LE(errAt));
+  if (how === 2) return { id, out: { stdout: "", stderr: "", code: null, signal: null, spawnError: stderr, durationMs } };
+  return {
+    id,
+    out: {
+      stdout,
+      stderr,
+      code: how === 0 ? value : null,
+      signal: how === 1 ? (SIGNAL_NAMES.get(value) ?? `signal ${value}`) : null,
+      ...(why === 1 ? { why: "timeout" as const } : why === 2 ? { why: "aborted" as const } : {}),
+      durationMs,
+    },
+  };
+}
+
+/** The helper's ends of its pipes, and the programs it is running for us. */
 interface Helper {
-  proc: ChildProcess;
+  requests: Writable;
+  answers: Socket;
   pending: Map<number, (o: RunOutcome) => void>;
 }
 
@@ -232,47 +287,53 @@ class Launcher implements Runner {
   private seq = 0;
 
   run(req: RunRequest, signal?: AbortSignal): Promise<RunOutcome> {
-    const { proc, pending } = this.start();
+    const { requests, answers, pending } = this.start();
     const id = ++this.seq;
     return new Promise((resolve) => {
-      const onAbort = (): void => {
-        proc.send({ t: "kill", id });
-      };
-      // The channel keeps this process alive only while a program runs.
-      if (pending.size === 0) proc.channel?.ref();
+      const onAbort = (): void => void requests.write(frame([Buffer.from([2]), u32(id)]));
+      // The answer pipe keeps this process alive only while a program runs.
+      if (pending.size === 0) answers.ref();
       pending.set(id, (o) => {
         signal?.removeEventListener("abort", onAbort);
-        if (pending.size === 0) proc.channel?.unref();
+        if (pending.size === 0) answers.unref();
         resolve(o);
       });
       signal?.addEventListener("abort", onAbort, { once: true });
-      proc.send({ t: "run", id, req });
+      requests.write(runFrame(id, req));
     });
   }
 
   close(): void {
-    if (this.helper?.proc.connected) this.helper.proc.disconnect();
+    this.helper?.requests.end();
     this.helper = undefined;
   }
 
   /** The helper, started now if there is none (or the last one died). */
   private start(): Helper {
-    if (this.helper?.proc.connected) return this.helper;
-    const proc = spawn(process.execPath, ["-e", HELPER_SOURCE], {
-      stdio: ["ignore", "inherit", "inherit", "ipc"],
-      serialization: "advanced",
-    });
-    const h: Helper = { proc, pending: new Map() };
-    // Never keeps this process alive when idle (see run).
+    if (this.helper) return this.helper;
+    const proc = spawn(LAUNCHER_HELPER, [], { stdio: ["pipe", "pipe", "inherit"] });
+    // Child pipes are sockets; an idle helper never keeps this process alive (see run).
+    const answers = proc.stdout as unknown as Socket;
+    const h: Helper = { requests: proc.stdin, answers, pending: new Map() };
     proc.unref();
-    proc.channel?.unref();
-    proc.on("message", (m: { id: number; out: RunOutcome }) => {
-      const done = h.pending.get(m.id);
-      h.pending.delete(m.id);
-      done?.(m.out);
+    (proc.stdin as unknown as Socket).unref();
+    answers.unref();
+    proc.stdin.on("error", () => {
+      /* a dead helper: "exit" fails its calls */
     });
-    // What a dead helper was running is lost with it: fail those calls; the next starts a new
-    // helper. Its channel closes first ("disconnect"), and is what keeps this process waiting.
+    let buf: Buffer = Buffer.alloc(0);
+    answers.on("data", (d: Buffer) => {
+      buf = buf.length ? Buffer.concat([buf, d]) : d;
+      while (buf.length >= 4 && buf.length >= 4 + buf.readUInt32LE(0)) {
+        const len = buf.readUInt32LE(0);
+        const { id, out } = parseAnswer(buf.subarray(4, 4 + len));
+        buf = buf.subarray(4 + len);
+        const done = h.pending.get(id);
+        h.pending.delete(id);
+        done?.(out);
+      }
+    });
+    // What a dead helper was running is lost with it: fail those calls; the next starts a new helper.
     const lost = (why: string): void => {
       if (this.helper === h) this.helper = undefined;
       for (const [id, done] of h.pending) {
@@ -287,7 +348,8 @@ class Launcher implements Runner {
         });
       }
     };
-    proc.on("disconnect", () => lost("went away"));
+    proc.on("error", (e) => lost(`could not start (${e.message})`));
+    answers.on("close", () => lost("went away"));
     proc.on("exit", (code, sig) => lost(`exited (${sig ?? `code ${code}`})`));
     this.helper = h;
     return h;
@@ -295,10 +357,17 @@ class Launcher implements Runner {
 }
 
 /**
- * From now on, exec() spawns from the launcher's helper process (see above). Returns a function
- * that goes back to spawning in this process and stops the helper.
+ * From now on, exec() spawns from the launcher's helper (see above). Returns a function that goes
+ * back to spawning in this process and stops the helper. Throws when the helper was not built.
  */
 export function useLauncher(): () => void {
+  try {
+    accessSync(LAUNCHER_HELPER, fsConstants.X_OK);
+  } catch {
+    throw new FerryError("FailedPrecondition", `the launcher's helper ${LAUNCHER_HELPER} is missing`, {
+      fix: "build it with `make build` (needs gcc), or spawn from this process (ferry-agent --spawn in-process)",
+    });
+  }
   const l = new Launcher();
   runner = l;
   return () => {
