@@ -8,7 +8,7 @@ import { randomBytes } from "node:crypto";
 import { access, readdir, readFile } from "node:fs/promises";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type FerryError, exec, isFerryError, macFromIp } from "@ferry/common";
-import { CRIU_LOCK_RULES, CRIU_UNLOCK_CHAIN, CRIU_UNLOCK_JUMPS, NetNs, Ovs, lockNetns, portNameFor } from "@ferry/agent";
+import { CRIU_LOCK_RULES, CRIU_UNLOCK_CHAIN, CRIU_UNLOCK_JUMPS, NetNs, Ovs, PacketHolds, lockNetns, portNameFor } from "@ferry/agent";
 import { Testbed, cookieForIp, runInNetns, type EmulatedHost, type Workload } from "@ferry/testbed";
 import { pingFrom } from "../helpers/ping.js";
 
@@ -349,6 +349,51 @@ describe.skipIf(!isRoot)("network layer (emulated hosts, OVS userspace, VXLAN)",
     expect(await tcpRoundTrip(CT_IP, "again")).toBe("b:again");
     expect((await exec("ip", ["-n", wl.netns, "neigh", "show", CT_IP])).stdout).toContain(macFromIp(CT_IP));
     await stopServer(srv);
+  });
+
+  it("a locked namespace with holds keeps what reaches it and hands it over on release; unlock and clear drop it", async () => {
+    const warnings: string[] = [];
+    const holds = new PacketHolds((msg) => warnings.push(msg));
+    const nsH = new NetNs({ prefix: b.netnsPrefix, ovs: ovsB, bridge: b.bridge, hostNs: b.netns, holds });
+    try {
+      // The path still leads to B (previous test): re-create the namespace there, locked.
+      await nsB.clear(CT);
+      const info = await nsH.create(CT, { ipCidr: `${CT_IP}/24`, ofport: CT_OFPORT }, []);
+      expect(await nsH.isLocked(CT)).toBe(true);
+
+      // One echo request, sent while locked: held, and answered once released (its RTT is the
+      // time it waited). busybox ping sends it once, so with a dropping lock it would go unanswered.
+      const held = ping(CT_IP, 1, 5);
+      await new Promise((r) => setTimeout(r, 600));
+      // What CRIU's restore runs, then what the agent does once the container runs.
+      for (const rules of [CRIU_UNLOCK_JUMPS, CRIU_UNLOCK_CHAIN]) {
+        await exec("nsenter", [`--net=${info.path}`, "iptables-restore", "-w", "--noflush"], { input: rules });
+      }
+      expect(await nsH.releaseHeld(CT)).toBeGreaterThanOrEqual(1);
+      const h = await held;
+      expect(h.received).toBe(1);
+      expect(h.avgMs).toBeGreaterThanOrEqual(400);
+      measured.heldPingRttMs = Math.round(h.avgMs);
+      expect(await nsH.releaseHeld(CT)).toBe(0); // nothing held any more
+
+      // Locked again, then unlocked without a release (no container took over): dropped.
+      await nsH.lock(CT);
+      const dropped = ping(CT_IP, 1, 2);
+      await new Promise((r) => setTimeout(r, 300));
+      await nsH.unlock(CT);
+      expect((await dropped).received).toBe(0);
+      expect((await ping(CT_IP, 3)).received).toBeGreaterThanOrEqual(2);
+
+      // And a clear drops what it held.
+      await nsH.lock(CT);
+      const cleared = ping(CT_IP, 1, 2);
+      await new Promise((r) => setTimeout(r, 300));
+      await nsH.clear(CT);
+      expect((await cleared).received).toBe(0);
+      expect(warnings).toEqual([]);
+    } finally {
+      holds.close();
+    }
   });
 
   it("veth mode: create, reach by ping, clear waits until the host-side veth is gone, re-create at once", async () => {

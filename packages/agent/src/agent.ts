@@ -32,7 +32,7 @@ import {
 } from "@ferry/common";
 import { probeCapabilities, versionAtLeast } from "./capabilities.js";
 import { Failpoints } from "./failpoints.js";
-import { NetNs, Ovs, portNameFor } from "./net/index.js";
+import { NetNs, Ovs, PacketHolds, portNameFor } from "./net/index.js";
 import { OperationLog, idempotent } from "./ops.js";
 import { HostResources } from "./resources.js";
 import { ContainerRuntime, Criu, Runc } from "./runtime/index.js";
@@ -120,7 +120,8 @@ export async function createAgent(cfg: AgentConfig): Promise<Agent> {
   const store = new BlobStore({ root: path.join(cfg.stateDir, "store"), log });
   await store.init();
   const ovs = new Ovs({ rundir: cfg.ovs.rundir, dbSock: cfg.ovs.dbSock, owner: cfg.name });
-  const netns = new NetNs({ prefix: cfg.netnsPrefix, ovs, bridge: cfg.bridge });
+  const holds = new PacketHolds((msg, fields) => log.warn(fields, msg));
+  const netns = new NetNs({ prefix: cfg.netnsPrefix, ovs, bridge: cfg.bridge, holds });
   const resources = new HostResources(cfg.stateDir);
   const ops = new OperationLog(path.join(cfg.stateDir, "ops"));
   const storeImpl = createStoreService({ store, peerClient: grpcPeerClients(cfg.security), log });
@@ -332,6 +333,8 @@ export async function createAgent(cfg: AgentConfig): Promise<Agent> {
         tcpEstablished: req.tcpEstablished,
         imageDigest: digest,
       });
+      // The container runs: what its clients sent during the downtime is its now.
+      const heldPackets = await netns.releaseHeld(spec.name);
       // What the restore was made from is not needed again: deleted now, all at once. A deletion
       // that fails is logged, not the restore's failure (the container runs).
       const deleted = (what: string, del: () => Promise<unknown>): Promise<boolean> =>
@@ -355,6 +358,7 @@ export async function createAgent(cfg: AgentConfig): Promise<Agent> {
           restoreMs: r.stats.restoreMs,
           forkingMs: r.stats.forkingMs,
           runcMs: r.stats.runcMs,
+          heldPackets,
           totalMs: Math.round(performance.now() - started),
         },
         blobsDeleted: blobs.length > 0 && blobsGone.every(Boolean),

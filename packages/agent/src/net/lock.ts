@@ -13,12 +13,17 @@
 import { exec } from "@ferry/common";
 
 /**
- * CRIU 4.2.1's network lock, byte for byte (criu/net.c `iptables_network_lock_internal`, read off
- * the installed binary with `strings`), so that a lock made by either (a container dumped by an
- * agent of an older version, whose CRIU still locked) is removed by both.
+ * CRIU 4.2.1's network lock (criu/net.c `iptables_network_lock_internal`, read off the installed
+ * binary with `strings`) and one rule more: what arrives from elsewhere is queued to
+ * {@link HOLD_QUEUE} instead of dropped, for ferry-hold to keep until the restore (./hold.ts);
+ * with nothing bound to the queue the kernel drops it, as CRIU's lock would. The chain's name and
+ * jumps are CRIU's, so that a lock made by either (a container dumped by an agent of an older
+ * version, whose CRIU still locked) is removed by both.
  */
+export const HOLD_QUEUE = 0xc114;
 export const CRIU_LOCK_RULES =
-  "*filter\n:CRIU - [0:0]\n-I INPUT -j CRIU\n-I OUTPUT -j CRIU\n-A CRIU -m mark --mark 0xC114 -j ACCEPT\n-A CRIU -j DROP\nCOMMIT\n";
+  "*filter\n:CRIU - [0:0]\n-I INPUT -j CRIU\n-I OUTPUT -j CRIU\n-A CRIU -m mark --mark 0xC114 -j ACCEPT\n" +
+  `-A CRIU -m addrtype ! --src-type LOCAL -j NFQUEUE --queue-num ${HOLD_QUEUE}\n-A CRIU -j DROP\nCOMMIT\n`;
 /** First half of CRIU's unlock: remove the jumps (CRIU repeats it while `iptables -C INPUT -j CRIU` still matches). */
 export const CRIU_UNLOCK_JUMPS = "*filter\n:CRIU - [0:0]\n-D INPUT -j CRIU\n-D OUTPUT -j CRIU\nCOMMIT\n";
 /** Second half of CRIU's unlock: remove the chain. */

@@ -2,6 +2,7 @@ import { createHash } from "node:crypto";
 import { access, readdir } from "node:fs/promises";
 import type { TcpConnection } from "@ferry/api/agent";
 import { ExecError, FerryError, exec, macFromIp, parseIpv4Cidr, validateIpv4, validateMac, validateName } from "@ferry/common";
+import type { PacketHoldApi } from "./hold.js";
 import { isNetnsLocked, lockNetns, unlockNetns } from "./lock.js";
 import type { OvsApi } from "./ovs.js";
 
@@ -31,6 +32,8 @@ export interface NetNsConfig {
   netnsDir?: string;
   /** How long {@link NetNs.clear} waits for the host-side interface to disappear. Default 5 s. */
   clearTimeoutMs?: number;
+  /** Holds what reaches a locked namespace until {@link NetNs.releaseHeld} (./hold.ts); without it, the lock drops it. */
+  holds?: PacketHoldApi;
 }
 
 export interface NetnsSpec {
@@ -58,6 +61,8 @@ export interface NetNsApi {
   clear(container: string): Promise<{ waitMs: number }>;
   lock(container: string): Promise<void>;
   unlock(container: string): Promise<void>;
+  /** Hand what the lock held to the namespace (its container runs now): how many packets. */
+  releaseHeld(container: string): Promise<number>;
   isLocked(container: string): Promise<boolean>;
   exists(container: string): Promise<boolean>;
   path(container: string): string;
@@ -185,7 +190,10 @@ export class NetNs implements NetNsApi {
         // The lock goes in before any link exists: a client retransmission that reached an
         // unlocked namespace would meet no socket and get a RST (seen: one run in three).
         // A namespace this new has no rules to look at first.
-        if (lock) await lockNetns(path);
+        if (lock) {
+          await lockNetns(path);
+          await this.cfg.holds?.hold(name, path);
+        }
         const got = this.link === "tap" ? await this.attachTap(name, port, ofport) : await this.attachVeth(name, port, ofport);
         const cmds = [
           ...(this.link === "tap" ? [`link set ${port} name eth0`] : []),
@@ -285,16 +293,24 @@ export class NetNs implements NetNsApi {
     return isNetnsLocked(this.path(container));
   }
 
-  /** Install the network lock (idempotent; see ./lock.ts): everything but CRIU's marked packets is dropped. */
+  /**
+   * Install the network lock (idempotent; see ./lock.ts): everything but CRIU's marked packets is
+   * held (with {@link NetNsConfig.holds}) or dropped.
+   */
   async lock(container: string): Promise<void> {
     if (!(await this.exists(container))) throw FerryError.notFound("network namespace", this.nsName(container), "create it first");
-    if (await this.isLocked(container)) return;
-    await lockNetns(this.path(container));
+    if (!(await this.isLocked(container))) await lockNetns(this.path(container));
+    await this.cfg.holds?.hold(this.nsName(container), this.path(container));
   }
 
-  /** Remove the lock (see ./lock.ts); a no-op when unlocked. */
-  unlock(container: string): Promise<void> {
-    return unlockNetns(this.path(container));
+  /** Remove the lock (see ./lock.ts); a no-op when unlocked. What it held is dropped, not delivered. */
+  async unlock(container: string): Promise<void> {
+    await this.cfg.holds?.drop(this.nsName(container));
+    await unlockNetns(this.path(container));
+  }
+
+  async releaseHeld(container: string): Promise<number> {
+    return (await this.cfg.holds?.release(this.nsName(container))) ?? 0;
   }
 
   /**
@@ -304,6 +320,7 @@ export class NetNs implements NetNsApi {
   async clear(container: string): Promise<{ waitMs: number }> {
     const name = this.nsName(container);
     const port = portNameFor(this.cfg.prefix, container);
+    await this.cfg.holds?.drop(name);
     // Deleting an OVS internal port destroys its tap at once, wherever it lives.
     await this.cfg.ovs.deletePort(this.cfg.bridge, port);
     if (this.link === "veth") await this.ipHost(["link", "del", port], [0, 1]);

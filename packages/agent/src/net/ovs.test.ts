@@ -71,9 +71,10 @@ describe("netns constants", () => {
     expect(portNameFor("ferry-edge-a-", "web")).not.toBe(portNameFor("ferry-edge-b-", "web"));
   });
 
-  it("the lock is CRIU 4.2.1's text and the unlock removes exactly what it adds", () => {
+  it("the lock is CRIU 4.2.1's, holding what comes from elsewhere, and the unlock removes exactly what it adds", () => {
     expect(CRIU_LOCK_RULES).toBe(
-      "*filter\n:CRIU - [0:0]\n-I INPUT -j CRIU\n-I OUTPUT -j CRIU\n-A CRIU -m mark --mark 0xC114 -j ACCEPT\n-A CRIU -j DROP\nCOMMIT\n",
+      "*filter\n:CRIU - [0:0]\n-I INPUT -j CRIU\n-I OUTPUT -j CRIU\n-A CRIU -m mark --mark 0xC114 -j ACCEPT\n" +
+        "-A CRIU -m addrtype ! --src-type LOCAL -j NFQUEUE --queue-num 49428\n-A CRIU -j DROP\nCOMMIT\n",
     );
     expect(CRIU_UNLOCK_JUMPS).toContain("-D INPUT -j CRIU\n-D OUTPUT -j CRIU\n");
     expect(CRIU_UNLOCK_CHAIN).toContain("-X CRIU\n");

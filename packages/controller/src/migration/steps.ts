@@ -412,6 +412,7 @@ const restore: Step<MigrationCtx> = {
       io.detail("criu_restore_ms", r.stats.restoreMs);
       io.detail("runc_restore_ms", r.stats.runcMs);
       io.detail("unpack_ms", r.stats.unpackMs);
+      io.detail("held_packets", r.stats.heldPackets);
     }
   },
   async compensate(ctx, io) {
