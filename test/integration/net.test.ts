@@ -8,7 +8,17 @@ import { randomBytes } from "node:crypto";
 import { access, readdir, readFile } from "node:fs/promises";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type FerryError, exec, isFerryError, macFromIp } from "@ferry/common";
-import { CRIU_LOCK_RULES, CRIU_UNLOCK_CHAIN, CRIU_UNLOCK_JUMPS, NetNs, Ovs, PacketHolds, lockNetns, portNameFor } from "@ferry/agent";
+import {
+  CRIU_LOCK_RULES,
+  CRIU_NETWORK_SCRIPT,
+  CRIU_UNLOCK_CHAIN,
+  CRIU_UNLOCK_JUMPS,
+  NetNs,
+  Ovs,
+  PacketHolds,
+  lockNetns,
+  portNameFor,
+} from "@ferry/agent";
 import { Testbed, cookieForIp, runInNetns, type EmulatedHost, type Workload } from "@ferry/testbed";
 import { pingFrom } from "../helpers/ping.js";
 
@@ -206,6 +216,27 @@ describe.skipIf(!isRoot)("network layer (emulated hosts, OVS userspace, VXLAN)",
     await nsA.unlock(CT);
     for (const cmd of ["iptables-save", "ip6tables-save"]) expect(await rules(cmd)).not.toContain("CRIU");
     expect((await ping(CT_IP, 3)).received).toBeGreaterThanOrEqual(2);
+
+    // A restore's unlock only opens the lock (no rule taken away: no wait for the kernel), in both
+    // families; the full unlock then removes it.
+    await nsA.lock(CT);
+    const t0 = performance.now();
+    await exec("sh", ["-c", CRIU_NETWORK_SCRIPT, "ferry-network-lock"], {
+      env: { ...process.env, CRTOOLS_SCRIPT_ACTION: "network-unlock", FERRY_NETNS: path, FERRY_UNLOCK: "open" },
+    });
+    measured.openLockMs = Math.round(performance.now() - t0);
+    expect(await nsA.isLocked(CT)).toBe(false);
+    for (const cmd of ["iptables-save", "ip6tables-save"]) expect(await rules(cmd)).toMatch(/^-A CRIU -j RETURN\n-A CRIU -m mark/m);
+    expect((await ping(CT_IP, 3)).received).toBeGreaterThanOrEqual(2);
+    const t1 = performance.now();
+    await nsA.unlock(CT);
+    measured.removeOpenedLockMs = Math.round(performance.now() - t1);
+    for (const cmd of ["iptables-save", "ip6tables-save"]) expect(await rules(cmd)).not.toContain("CRIU");
+    // Opening an unlocked namespace is a no-op, not an error.
+    await exec("sh", ["-c", CRIU_NETWORK_SCRIPT, "ferry-network-lock"], {
+      env: { ...process.env, CRTOOLS_SCRIPT_ACTION: "network-unlock", FERRY_NETNS: path, FERRY_UNLOCK: "open" },
+    });
+    expect(await rules("iptables-save")).not.toContain("CRIU");
   });
 
   it("refuses a second namespace with the same IP on a host, and a clashing re-create; an identical one is idempotent", async () => {

@@ -350,8 +350,10 @@ describe.skipIf(!ROOT)("container runtime (runc + CRIU)", () => {
       // one is the host's (no CAP_SYS_RESOURCE to raise RLIMIT_NOFILE) and harmless
       const errors = (await readFile(rs.criuLog, "utf8")).split("\n").filter((l) => /Error \(/.test(l) && !/RLIMIT_NOFILE/.test(l));
       expect(errors).toEqual([]);
-      // the lock is released by the restore (Ferry's script, run by CRIU), in both families
+      // the restore opens the lock (Ferry's script, run by CRIU), and the runtime removes it once
+      // the container runs, in both families
       expect(await readFile(rs.criuLog, "utf8")).toContain(`[${path.join(W, "state", "criu-network.sh")}]`);
+      await runtime.settled(name);
       expect(await lockRules()).not.toContain("CRIU");
       const status = await readFile(`/proc/${rs.pid}/status`, "utf8");
       const ppid = /PPid:\s*(\d+)/.exec(status)![1]!;

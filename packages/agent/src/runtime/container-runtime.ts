@@ -4,7 +4,7 @@ import { access, mkdir, open, readdir, readFile, rename, rm, stat, writeFile, ls
 import path from "node:path";
 import { ContainerState, type ContainerInfo, type ContainerSpec, type TcpConnection } from "@ferry/api/agent";
 import { exec, ExecError, FerryError, type Logger, silentLogger, validateName } from "@ferry/common";
-import { CRIU_NETWORK_SCRIPT } from "../net/lock.js";
+import { CRIU_NETWORK_SCRIPT, unlockNetns } from "../net/lock.js";
 import type { CriuApi } from "./criu.js";
 import type { DumpStats, RestoreStats } from "./criu-stats.js";
 import { KeyedMutex } from "./keyed-mutex.js";
@@ -574,7 +574,13 @@ export class ContainerRuntime {
         fix: "checkpoint first, or unpack the checkpoint blob",
       });
     }
-    return this.locks.run(name, async () => {
+    // CRIU's unlock only opened the network lock (net/lock.ts OPEN_RULES); it is taken away right
+    // after, still under the container's mutex (a checkpoint after it must not meet a lock half
+    // removed), but once the caller has its answer: the grace periods the removal waits for are
+    // out of the downtime.
+    let answer!: (r: RestoreResult) => void;
+    const answered = new Promise<RestoreResult>((resolve) => (answer = resolve));
+    const locked = this.locks.run(name, async () => {
       const started = performance.now();
       const st = await this.runc.state(name);
       if (st && st.status !== "stopped") {
@@ -635,8 +641,17 @@ export class ContainerRuntime {
         ...(rs?.restore ? { raw: rs.restore } : {}),
       };
       this.log.info({ container: name, pid, totalMs: stats.totalMs }, "container restored");
-      return { pid, stats, container: this.info(rec, after), criuLog: path.join(workDir, "restore.log") };
+      answer({ pid, stats, container: this.info(rec, after), criuLog: path.join(workDir, "restore.log") });
+      await unlockNetns(opts.netnsPath).catch((e: unknown) =>
+        this.log.warn({ err: e, container: name }, "the restored container's network lock is open but not removed"),
+      );
     });
+    return Promise.race([answered, locked.then(() => answered)]);
+  }
+
+  /** Resolves once what a restore left to do after its answer (removing the opened network lock) is done. */
+  async settled(name: string): Promise<void> {
+    await this.locks.run(name, () => Promise.resolve());
   }
 
   /**

@@ -130,13 +130,14 @@ export class Runc implements RuncApi {
     return exec(this.binary, all, { timeoutMs: this.timeoutMs, ...(okCodes ? { okCodes } : {}), ...(this.env ? { env: this.env } : {}) });
   }
 
-  /** Detached launch with the stdio relay (see LAUNCH). */
-  private async launch(args: string[], opts: LaunchOptions): Promise<void> {
+  /** Detached launch with the stdio relay (see LAUNCH); `env` is added to runc's (and so CRIU's). */
+  private async launch(args: string[], opts: LaunchOptions, env?: Record<string, string>): Promise<void> {
     const all = ["--log", opts.runcLogFile, ...this.global(), ...args];
     this.log.debug({ args: all }, "runc launch");
+    const merged = env ? { ...(this.env ?? process.env), ...env } : this.env;
     await exec("setsid", ["bash", "-c", LAUNCH, "ferry-launch", opts.logFile, opts.runcLogFile, this.binary, ...all], {
       timeoutMs: this.timeoutMs,
-      ...(this.env ? { env: this.env } : {}),
+      ...(merged ? { env: merged } : {}),
     });
   }
 
@@ -209,7 +210,9 @@ export class Runc implements RuncApi {
     const args = ["restore", "-d", "--image-path", opts.imagePath, "--work-path", opts.workPath];
     if (opts.tcpEstablished) args.push("--tcp-established");
     args.push("--bundle", opts.bundle, "--pid-file", opts.pidFile, id);
-    await this.launch(args, opts);
+    // CRIU's network unlock (Ferry's action script) only opens the lock: the caller takes it away
+    // once the container runs (net/lock.ts OPEN_RULES).
+    await this.launch(args, opts, { FERRY_UNLOCK: "open" });
   }
 }
 
