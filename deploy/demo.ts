@@ -15,6 +15,8 @@ interface Step {
   bytes: number;
   inDowntime: boolean;
   group: string;
+  /** e.g. the restore's held_packets: what reached the new host during the downtime, delivered. */
+  details?: Record<string, number>;
 }
 interface MigrationJson {
   id: string;
@@ -43,6 +45,12 @@ async function ferry(args: string[]): Promise<string> {
 }
 
 const line = (s = ""): void => void process.stdout.write(s + "\n");
+
+/** The restore's packets held through the downtime (the network lock queues, not drops, them). */
+const heldNote = (s: Step): string => {
+  const n = s.details?.held_packets;
+  return n ? `  ${n} client packet${n === 1 ? "" : "s"} held, then delivered` : "";
+};
 
 async function main(): Promise<number> {
   line("== bringing the edge testbed up");
@@ -90,7 +98,7 @@ async function main(): Promise<number> {
     migrations.push(m);
     for (const s of m.steps) {
       line(
-        `   ${s.name.padEnd(20)} ${String(s.durationMs).padStart(5)} ms${s.inDowntime ? "  downtime" : ""}${s.group ? `  ‖ ${s.group}` : ""}${s.bytes ? `  ${(s.bytes / 1024).toFixed(0)} KiB` : ""}`,
+        `   ${s.name.padEnd(20)} ${String(s.durationMs).padStart(5)} ms${s.inDowntime ? "  downtime" : ""}${s.group ? `  ‖ ${s.group}` : ""}${s.bytes ? `  ${(s.bytes / 1024).toFixed(0)} KiB` : ""}${heldNote(s)}`,
       );
     }
     line(
@@ -127,7 +135,14 @@ async function main(): Promise<number> {
       control_overhead_ms: m.controlOverheadMs,
       bytes_transferred: m.bytesTransferred,
       partial: m.partial,
-      steps: m.steps.map((s) => ({ name: s.name, ms: s.durationMs, downtime: s.inDowntime, group: s.group || undefined, bytes: s.bytes })),
+      steps: m.steps.map((s) => ({
+        name: s.name,
+        ms: s.durationMs,
+        downtime: s.inDowntime,
+        group: s.group || undefined,
+        bytes: s.bytes,
+        held_packets: s.details?.held_packets,
+      })),
     })),
     client: {
       same_connection: report.serial === 1,
