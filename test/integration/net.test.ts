@@ -186,6 +186,7 @@ describe.skipIf(!isRoot)("network layer (emulated hosts, OVS userspace, VXLAN)",
     const saved = (await exec("nsenter", [`--net=${path}`, "iptables-save", "-t", "filter"])).stdout;
     expect(saved.match(/^-A INPUT -j CRIU$/gm)).toHaveLength(1);
     expect(saved).toMatch(/^-A CRIU -m mark --mark 0xc114 -j ACCEPT$/m);
+    expect(saved).toMatch(/^-A CRIU -m addrtype ! --src-type LOCAL -j NFQUEUE --queue-num 49428$/m);
     expect(saved).toMatch(/^-A CRIU -j DROP$/m);
     expect(await nsA.isLocked(CT)).toBe(true);
     expect((await ping(CT_IP, 3)).received).toBe(0);
@@ -237,6 +238,24 @@ describe.skipIf(!isRoot)("network layer (emulated hosts, OVS userspace, VXLAN)",
       env: { ...process.env, CRTOOLS_SCRIPT_ACTION: "network-unlock", FERRY_NETNS: path, FERRY_UNLOCK: "open" },
     });
     expect(await rules("iptables-save")).not.toContain("CRIU");
+  });
+
+  it("where the kernel refuses the hold rule, the lock is CRIU's rules alone", async () => {
+    const ns = `${PREFIX}fallback`;
+    await exec("ip", ["netns", "add", ns]);
+    try {
+      // A target this kernel does not have stands for a kernel without NFQUEUE.
+      const script = CRIU_NETWORK_SCRIPT.replace("-j NFQUEUE", "-j FERRYNOSUCHTARGET");
+      expect(script).not.toBe(CRIU_NETWORK_SCRIPT);
+      await exec("sh", ["-c", script, "ferry-network-lock"], {
+        env: { ...process.env, CRTOOLS_SCRIPT_ACTION: "network-lock", FERRY_NETNS: `/run/netns/${ns}` },
+      });
+      const saved = (await exec("nsenter", [`--net=/run/netns/${ns}`, "iptables-save", "-t", "filter"])).stdout;
+      expect(saved.match(/^-A (INPUT|OUTPUT) -j CRIU$/gm)).toHaveLength(2);
+      expect(saved.match(/^-A CRIU .*$/gm)).toEqual(["-A CRIU -m mark --mark 0xc114 -j ACCEPT", "-A CRIU -j DROP"]);
+    } finally {
+      await exec("ip", ["netns", "del", ns]);
+    }
   });
 
   it("refuses a second namespace with the same IP on a host, and a clashing re-create; an identical one is idempotent", async () => {

@@ -13,17 +13,24 @@
 import { exec } from "@ferry/common";
 
 /**
- * CRIU 4.2.1's network lock (criu/net.c `iptables_network_lock_internal`, read off the installed
- * binary with `strings`) and one rule more: what arrives from elsewhere is queued to
- * {@link HOLD_QUEUE} instead of dropped, for ferry-hold to keep until the restore (./hold.ts);
- * with nothing bound to the queue the kernel drops it, as CRIU's lock would. The chain's name and
- * jumps are CRIU's, so that a lock made by either (a container dumped by an agent of an older
- * version, whose CRIU still locked) is removed by both.
+ * CRIU 4.2.1's network lock, byte for byte (criu/net.c `iptables_network_lock_internal`, read off
+ * the installed binary with `strings`), so that a lock made by either (a container dumped by an
+ * agent of an older version, whose CRIU still locked) is removed by both.
  */
-export const HOLD_QUEUE = 0xc114;
 export const CRIU_LOCK_RULES =
-  "*filter\n:CRIU - [0:0]\n-I INPUT -j CRIU\n-I OUTPUT -j CRIU\n-A CRIU -m mark --mark 0xC114 -j ACCEPT\n" +
-  `-A CRIU -m addrtype ! --src-type LOCAL -j NFQUEUE --queue-num ${HOLD_QUEUE}\n-A CRIU -j DROP\nCOMMIT\n`;
+  "*filter\n:CRIU - [0:0]\n-I INPUT -j CRIU\n-I OUTPUT -j CRIU\n-A CRIU -m mark --mark 0xC114 -j ACCEPT\n-A CRIU -j DROP\nCOMMIT\n";
+/** The NFQUEUE queue a locked namespace's packets from elsewhere wait in (./hold.ts). */
+export const HOLD_QUEUE = 0xc114;
+/**
+ * The lock Ferry applies: CRIU's, and one rule more before the DROP: what arrives from elsewhere
+ * is queued to {@link HOLD_QUEUE}, for ferry-hold to keep until the restore; with nothing bound to
+ * the queue the kernel drops it, as CRIU's lock would. Where the kernel lacks NFQUEUE or the
+ * addrtype match, the script applies {@link CRIU_LOCK_RULES} instead.
+ */
+export const HOLD_LOCK_RULES = CRIU_LOCK_RULES.replace(
+  "-A CRIU -j DROP\n",
+  `-A CRIU -m addrtype ! --src-type LOCAL -j NFQUEUE --queue-num ${HOLD_QUEUE}\n-A CRIU -j DROP\n`,
+);
 /** First half of CRIU's unlock: remove the jumps (CRIU repeats it while `iptables -C INPUT -j CRIU` still matches). */
 export const CRIU_UNLOCK_JUMPS = "*filter\n:CRIU - [0:0]\n-D INPUT -j CRIU\n-D OUTPUT -j CRIU\nCOMMIT\n";
 /** Second half of CRIU's unlock: remove the chain. */
@@ -88,12 +95,13 @@ esac
 PATH=/usr/sbin:/usr/bin:/sbin:/bin:$PATH
 net="--net=\${FERRY_NETNS:-/proc/\${CRTOOLS_INIT_PID:?CRIU did not say which process}/ns/net}"
 LOCK='${CRIU_LOCK_RULES}'
+HOLD_LOCK='${HOLD_LOCK_RULES}'
 UNLOCK='${UNLOCK_RULES}'
 OPEN='${OPEN_RULES}'
 JUMPS='${CRIU_UNLOCK_JUMPS}'
 CHAIN='${CRIU_UNLOCK_CHAIN}'
 apply() { printf '%s' "$2" | nsenter "$net" "$1-restore" -w --noflush; }
-lock() { apply "$1" "$LOCK"; }
+lock() { apply "$1" "$HOLD_LOCK" 2>/dev/null || apply "$1" "$LOCK"; }
 unlock() {
   if [ "\${FERRY_UNLOCK:-}" = open ]; then apply "$1" "$OPEN" 2>/dev/null && return 0; fi
   apply "$1" "$UNLOCK" 2>/dev/null && return 0

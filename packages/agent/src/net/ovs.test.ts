@@ -1,7 +1,7 @@
 import { describe, expect, it } from "vitest";
 import { isFerryError } from "@ferry/common";
 import { flowLine, parseDumpFlows, setFlowsFile, validateFlow } from "./ovs.js";
-import { CRIU_LOCK_RULES, CRIU_UNLOCK_CHAIN, CRIU_UNLOCK_JUMPS, UNLOCK_RULES } from "./lock.js";
+import { CRIU_LOCK_RULES, CRIU_UNLOCK_CHAIN, CRIU_UNLOCK_JUMPS, HOLD_LOCK_RULES, UNLOCK_RULES } from "./lock.js";
 import { portNameFor } from "./netns.js";
 
 const flow = { table: 0, priority: 100, cookie: 0xfe0a4d000a, match: "ip,nw_dst=10.77.0.10", actions: "output:5" };
@@ -71,8 +71,11 @@ describe("netns constants", () => {
     expect(portNameFor("ferry-edge-a-", "web")).not.toBe(portNameFor("ferry-edge-b-", "web"));
   });
 
-  it("the lock is CRIU 4.2.1's, holding what comes from elsewhere, and the unlock removes exactly what it adds", () => {
+  it("the lock is CRIU 4.2.1's text, plus a hold for what comes from elsewhere; the unlock removes exactly what it adds", () => {
     expect(CRIU_LOCK_RULES).toBe(
+      "*filter\n:CRIU - [0:0]\n-I INPUT -j CRIU\n-I OUTPUT -j CRIU\n-A CRIU -m mark --mark 0xC114 -j ACCEPT\n-A CRIU -j DROP\nCOMMIT\n",
+    );
+    expect(HOLD_LOCK_RULES).toBe(
       "*filter\n:CRIU - [0:0]\n-I INPUT -j CRIU\n-I OUTPUT -j CRIU\n-A CRIU -m mark --mark 0xC114 -j ACCEPT\n" +
         "-A CRIU -m addrtype ! --src-type LOCAL -j NFQUEUE --queue-num 49428\n-A CRIU -j DROP\nCOMMIT\n",
     );
