@@ -9,6 +9,7 @@
 // backed-off timer (200, 400, 800 ms... after the last). A namespace cleared (a rollback)
 // drops them. Anything that goes wrong here leaves the lock as it was before: packets dropped.
 import { spawn, type ChildProcessByStdio } from "node:child_process";
+import type { Socket } from "node:net";
 import type { Readable, Writable } from "node:stream";
 import { fileURLToPath } from "node:url";
 
@@ -30,6 +31,11 @@ type Warn = (msg: string, fields: Record<string, unknown>) => void;
 export class PacketHolds implements PacketHoldApi {
   /** The helper, and who waits for its answers: one line per command, in order. */
   private helper: { proc: ChildProcessByStdio<Writable, Readable, null>; waiting: Array<(line: string) => void> } | undefined;
+  /**
+   * The namespaces held now. Releasing or dropping any other (a source's namespace, one created
+   * unlocked) asks nothing of the helper: no round trip inside the downtime, no helper started.
+   */
+  private readonly held = new Set<string>();
 
   constructor(
     private readonly warn: Warn,
@@ -38,12 +44,16 @@ export class PacketHolds implements PacketHoldApi {
 
   async hold(key: string, netnsPath: string): Promise<boolean> {
     const a = await this.command(`hold ${key} ${netnsPath}`);
-    if (a.startsWith("ok ")) return true;
+    if (a.startsWith("ok ")) {
+      this.held.add(key);
+      return true;
+    }
     this.warn("packets reaching a locked namespace will be dropped, not held", { namespace: key, error: a });
     return false;
   }
 
   async release(key: string): Promise<number> {
+    if (!this.held.delete(key)) return 0;
     const a = await this.command(`release ${key}`);
     if (a.startsWith("ok ")) return Number(a.split(" ")[2] ?? 0);
     this.warn("held packets not released", { namespace: key, error: a });
@@ -51,20 +61,27 @@ export class PacketHolds implements PacketHoldApi {
   }
 
   async drop(key: string): Promise<void> {
-    await this.command(`drop ${key}`);
+    if (this.held.delete(key)) await this.command(`drop ${key}`);
   }
 
   close(): void {
     this.helper?.proc.stdin.end();
     this.helper = undefined;
+    this.held.clear();
   }
 
   /** One command's answer line; "error ..." when the helper cannot be run or dies meanwhile. */
   private command(line: string): Promise<string> {
     if (!/^[a-z]+ [A-Za-z0-9_.-]+( \/[^\s]*)?$/.test(line)) return Promise.resolve(`error malformed command: ${line}`);
     const { proc, waiting } = this.start();
+    const answers = proc.stdout as unknown as Socket;
     return new Promise((resolve) => {
-      waiting.push(resolve);
+      // The answer pipe keeps this process alive only while a command waits for its answer.
+      if (waiting.length === 0) answers.ref();
+      waiting.push((l) => {
+        if (waiting.length === 0) answers.unref();
+        resolve(l);
+      });
       proc.stdin.write(`${line}\n`);
     });
   }
@@ -75,8 +92,8 @@ export class PacketHolds implements PacketHoldApi {
     const h = { proc, waiting: [] as Array<(line: string) => void> };
     // Never keeps the agent alive; its stdin closes with the agent, and it exits.
     proc.unref();
-    (proc.stdin as unknown as { unref(): void }).unref();
-    (proc.stdout as unknown as { unref(): void }).unref();
+    (proc.stdin as unknown as Socket).unref();
+    (proc.stdout as unknown as Socket).unref();
     let buf = "";
     proc.stdout.setEncoding("utf8").on("data", (d: string) => {
       buf += d;
@@ -91,7 +108,10 @@ export class PacketHolds implements PacketHoldApi {
       /* a dead helper: "exit" answers what was waiting */
     });
     const gone = (why: string): void => {
-      if (this.helper === h) this.helper = undefined;
+      if (this.helper === h) {
+        this.helper = undefined;
+        this.held.clear(); // its sockets closed with it: the kernel dropped what they held
+      }
       for (const w of h.waiting.splice(0)) w(`error ferry-hold ${why}`);
     };
     proc.on("error", (e) => gone(`could not start: ${e.message}`));
