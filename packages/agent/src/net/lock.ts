@@ -81,8 +81,8 @@ export async function isNetnsLocked(netnsPath: string): Promise<boolean> {
  * CRIU's action script for Ferry's containers (criu.conf `action-script`), run by CRIU with
  * CRTOOLS_SCRIPT_ACTION and CRTOOLS_INIT_PID (the container's init, in its namespace), and by the
  * agent with FERRY_NETNS (a namespace's path) instead. A failure fails the dump or restore, as
- * CRIU's own lock would. With FERRY_UNLOCK=open (runc restore's environment), the unlock opens the
- * lock ({@link OPEN_RULES}) instead of taking it away.
+ * CRIU's own lock would. With FERRY_UNLOCK=open (which ContainerRuntime.restore gives runc
+ * restore), the unlock opens the lock ({@link OPEN_RULES}) instead of taking it away.
  */
 export const CRIU_NETWORK_SCRIPT = `#!/bin/sh
 # Written by ferry-agent (net/lock.ts). CRIU runs it at each action of a dump or restore of a Ferry

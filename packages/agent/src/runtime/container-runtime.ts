@@ -613,6 +613,8 @@ export class ContainerRuntime {
           imagePath: imagesDir,
           workPath: workDir,
           tcpEstablished: opts.tcpEstablished,
+          // CRIU's network unlock (Ferry's action script) only opens the lock; removed below.
+          env: { FERRY_UNLOCK: "open" },
         });
       } catch (e) {
         this.log.error({ container: name, criuLog: path.join(workDir, "restore.log") }, "restore failed");

@@ -20,6 +20,8 @@ export interface LaunchOptions {
   logFile: string;
   /** runc's own log (--log): its error messages, which would otherwise go to the container's stdio. */
   runcLogFile: string;
+  /** Added to runc's environment, which CRIU and its action scripts inherit. */
+  env?: Record<string, string>;
 }
 
 export interface CheckpointOptions {
@@ -105,7 +107,7 @@ export class Runc implements RuncApi {
   private readonly binary: string;
   private readonly criuPath: string;
   /** The environment of every runc process: PATH with {@link RuncOptions.criuTools} first. */
-  private readonly env: NodeJS.ProcessEnv | undefined;
+  private readonly env: NodeJS.ProcessEnv;
   private readonly log: Logger;
   private readonly timeoutMs: number;
 
@@ -115,7 +117,7 @@ export class Runc implements RuncApi {
     this.criuPath = opts.criuPath ?? "criu";
     this.env = opts.criuTools
       ? { ...process.env, PATH: `${opts.criuTools}:${process.env.PATH ?? "/usr/sbin:/usr/bin:/sbin:/bin"}` }
-      : undefined;
+      : process.env;
     this.log = opts.log ?? silentLogger;
     this.timeoutMs = opts.timeoutMs ?? 120_000;
   }
@@ -127,17 +129,16 @@ export class Runc implements RuncApi {
   private async runc(args: string[], okCodes?: number[]): Promise<{ stdout: string; stderr: string; exitCode: number }> {
     const all = [...this.global(), ...args];
     this.log.debug({ args: all }, "runc");
-    return exec(this.binary, all, { timeoutMs: this.timeoutMs, ...(okCodes ? { okCodes } : {}), ...(this.env ? { env: this.env } : {}) });
+    return exec(this.binary, all, { timeoutMs: this.timeoutMs, env: this.env, ...(okCodes ? { okCodes } : {}) });
   }
 
-  /** Detached launch with the stdio relay (see LAUNCH); `env` is added to runc's (and so CRIU's). */
-  private async launch(args: string[], opts: LaunchOptions, env?: Record<string, string>): Promise<void> {
+  /** Detached launch with the stdio relay (see LAUNCH). */
+  private async launch(args: string[], opts: LaunchOptions): Promise<void> {
     const all = ["--log", opts.runcLogFile, ...this.global(), ...args];
     this.log.debug({ args: all }, "runc launch");
-    const merged = env ? { ...(this.env ?? process.env), ...env } : this.env;
     await exec("setsid", ["bash", "-c", LAUNCH, "ferry-launch", opts.logFile, opts.runcLogFile, this.binary, ...all], {
       timeoutMs: this.timeoutMs,
-      ...(merged ? { env: merged } : {}),
+      env: opts.env ? { ...this.env, ...opts.env } : this.env,
     });
   }
 
@@ -210,9 +211,7 @@ export class Runc implements RuncApi {
     const args = ["restore", "-d", "--image-path", opts.imagePath, "--work-path", opts.workPath];
     if (opts.tcpEstablished) args.push("--tcp-established");
     args.push("--bundle", opts.bundle, "--pid-file", opts.pidFile, id);
-    // CRIU's network unlock (Ferry's action script) only opens the lock: the caller takes it away
-    // once the container runs (net/lock.ts OPEN_RULES).
-    await this.launch(args, opts, { FERRY_UNLOCK: "open" });
+    await this.launch(args, opts);
   }
 }
 
