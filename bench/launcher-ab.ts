@@ -5,15 +5,9 @@
 // moves edge-a -> edge-b -> edge-a with a checking client connected. Prints the medians of each
 // mode (downtime, checkpoint, transfer, restore, the gap the client saw) and the ratios B/A.
 //   npx tsx --conditions=source bench/launcher-ab.ts [--rounds N]
-import { readFileSync } from "node:fs";
 import { parseArgs } from "node:util";
 import { destroyBeds, echoUnderTest, makeBed, median, migrateViaAgents, type MigrationTimes } from "../test/helpers/agents.js";
-
-/** The whole machine's busy CPU so far, ms (/proc/stat, USER_HZ = 100): every process of the migration. */
-function busyCpuMs(): number {
-  const f = readFileSync("/proc/stat", "utf8").split("\n", 1)[0]!.trim().split(/\s+/).slice(1).map(Number);
-  return (f[0]! + f[1]! + f[2]! + f[5]! + f[6]! + f[7]!) * 10;
-}
+import { busyCpuMs } from "./stats.js";
 
 const { values } = parseArgs({ options: { rounds: { type: "string", default: "6" } } });
 const rounds = Number(values.rounds);

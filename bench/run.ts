@@ -35,6 +35,7 @@ import { writeCharts } from "./charts.js";
 import { ROOT, Shaper, type LinkShape } from "./shaping.js";
 import { SshFleet } from "./sshd.js";
 import {
+  busyCpuMs,
   median,
   p90,
   parseIperf,
@@ -189,16 +190,6 @@ async function migrateViaApi(admin: ReturnType<typeof controllerClient>, name: s
   const m = MigrationMsg.toJSON((await admin.getMigration({ id: migration!.id })).migration!) as MigrationJson;
   if (m.state !== "MIGRATION_STATE_SUCCEEDED") throw new Error(`migration ${m.id} ${m.state}: ${m.error ?? ""}`);
   return m;
-}
-
-/** /proc/stat counts in USER_HZ, 1/100 s on Linux whatever the kernel's tick. */
-const CLK_TCK = 100;
-
-/** Busy CPU time of the whole machine so far, all cores (user, system, irq, steal; not idle or iowait). */
-async function busyCpuMs(): Promise<number> {
-  const f = (await readFile("/proc/stat", "utf8")).split("\n", 1)[0]!.trim().split(/\s+/).slice(1).map(Number);
-  const [user, nice, system, , , irq, softirq, steal] = f;
-  return ((user! + nice! + system! + irq! + softirq! + steal!) * 1000) / CLK_TCK;
 }
 
 /** A child process in a namespace; resolves with its output when it exits. */
@@ -497,14 +488,14 @@ async function main(): Promise<void> {
                 ]);
               }
               await sleep(200);
-              const cpu0 = await busyCpuMs();
+              const cpu0 = busyCpuMs();
               const t = performance.now();
               const ms =
                 via === "cli"
                   ? (await Promise.all(names.map((nm, k) => ferryMigrate(nm, dstOf(k))))).map((r) => r.m)
                   : await Promise.all(names.map((nm, k) => migrateViaApi(admin, nm, dstOf(k))));
               const wallMs = performance.now() - t;
-              const cpuMs = (await busyCpuMs()) - cpu0;
+              const cpuMs = busyCpuMs() - cpu0;
               const starts = ms.map((m) => Date.parse(m.createdAt ?? ""));
               const ends = ms.map((m) => Date.parse(m.finishedAt ?? ""));
               const controllerSpanMs = Math.max(...ends) - Math.min(...starts);

@@ -3,10 +3,10 @@
 // the launcher's helper. Per way and ballast: the exec's latency, and how long a timer that
 // should fire every millisecond was held up (the stall every other call on the loop feels).
 //   npx tsx --conditions=source bench/spawn.ts [--ballast 100,250] [--rounds 6]
-import { readFileSync } from "node:fs";
 import { monitorEventLoopDelay } from "node:perf_hooks";
 import { parseArgs } from "node:util";
 import { exec, useLauncher } from "@ferry/common";
+import { busyCpuMs } from "./stats.js";
 
 const { values: flags } = parseArgs({
   options: { ballast: { type: "string", default: "60,250" }, rounds: { type: "string", default: "6" } },
@@ -32,12 +32,6 @@ async function round(): Promise<{ execMs: number[]; stallMaxMs: number; stallP99
   }
   h.disable();
   return { execMs, stallMaxMs: h.max / 1e6, stallP99Ms: h.percentile(99) / 1e6 };
-}
-
-/** The whole machine's busy CPU so far, ms (/proc/stat, USER_HZ = 100): a helper's own CPU included. */
-function busyCpuMs(): number {
-  const f = readFileSync("/proc/stat", "utf8").split("\n", 1)[0]!.trim().split(/\s+/).slice(1).map(Number);
-  return (f[0]! + f[1]! + f[2]! + f[5]! + f[6]! + f[7]!) * 10;
 }
 
 const WAYS: Record<string, () => () => void> = {

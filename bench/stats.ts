@@ -1,4 +1,15 @@
 // Small statistics and client-side timeline analysis for the benchmark.
+import { readFileSync } from "node:fs";
+
+/** /proc/stat counts in USER_HZ, 1/100 s on Linux whatever the kernel's tick. */
+const CLK_TCK = 100;
+
+/** Busy CPU time of the whole machine so far, ms, all cores (user, system, irq, steal; not idle or iowait). */
+export function busyCpuMs(): number {
+  const f = readFileSync("/proc/stat", "utf8").split("\n", 1)[0]!.trim().split(/\s+/).slice(1).map(Number);
+  const [user, nice, system, , , irq, softirq, steal] = f;
+  return ((user! + nice! + system! + irq! + softirq! + steal!) * 1000) / CLK_TCK;
+}
 
 export function quantile(xs: readonly number[], q: number): number {
   const s = [...xs].filter((x) => Number.isFinite(x)).sort((a, b) => a - b);
