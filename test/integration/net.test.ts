@@ -331,6 +331,18 @@ describe.skipIf(!isRoot)("network layer (emulated hosts, OVS userspace, VXLAN)",
       900,
     );
     expect(await ovsA.ofportOf("vx-s")).toBe(900);
+    // what ovs-vsctl would have written: the tags, the interface's type and options
+    expect((await a.vsctl(["get", "Port", "vx-s", "external_ids:ferry-owner"])).trim().replace(/"/g, "")).toBe("ferry-test");
+    expect((await a.vsctl(["get", "Interface", "vx-s", "type", "options:key", "options:remote_ip"])).trim().split("\n")).toEqual([
+      "vxlan",
+      '"99"',
+      '"172.31.0.99"',
+    ]);
+    // a port belongs to one bridge: adding it to another, or deleting it from another, is refused
+    await expectFerryError(ovsA.addPort(a.bridge, "vx-s"), "AlreadyExists", "port");
+    await expectFerryError(ovsA.deletePort(a.bridge, "vx-s"), "FailedPrecondition", "port");
+    await expectFerryError(ovsA.addPort("br-nosuch", "vx-t"), "NotFound");
+    await expectFerryError(new Ovs({ ...a.ovs, dbSock: "/run/ferry/no-such-db.sock" }).ofportOf("vx-s"), "Unavailable");
     const f = (cookie: number, nw: string, out: number) => ({
       table: 0,
       priority: 50,

@@ -1,5 +1,6 @@
 import type { Flow } from "@ferry/api/agent";
 import { ExecError, FerryError, exec, validateInterfaceName, validateIpv4 } from "@ferry/common";
+import { OvsdbClient, OvsdbError, type OvsdbOp, type OvsdbRow, ovsdbMap, setMembers } from "./ovsdb.js";
 
 /**
  * Where one Open vSwitch instance listens. Every emulated host runs its own ovsdb-server and
@@ -192,12 +193,15 @@ export function parseDumpFlows(text: string): Flow[] {
 }
 
 /**
- * One Open vSwitch instance, driven through ovs-vsctl / ovs-ofctl / ovs-appctl. Every method is
+ * One Open vSwitch instance: ports through its database's own protocol (./ovsdb.ts), bridges through
+ * ovs-vsctl, flows through ovs-ofctl. Every method is
  * safe to call twice; what it creates is tagged `external_ids:ferry-owner`.
  */
 export class Ovs implements OvsApi {
   private readonly owner: string;
   private readonly env: NodeJS.ProcessEnv;
+  /** The database, over its own protocol: the per-migration port operations (see ./ovsdb.ts). */
+  private readonly db: OvsdbClient;
 
   constructor(private readonly cfg: OvsConfig) {
     if (!cfg.dbSock.startsWith("/"))
@@ -205,6 +209,7 @@ export class Ovs implements OvsApi {
     this.owner = cfg.owner ?? "ferry";
     // ovs-ofctl finds <rundir>/<bridge>.mgmt, ovs-appctl <rundir>/ovs-vswitchd.pid, through OVS_RUNDIR.
     this.env = { ...process.env, OVS_RUNDIR: cfg.rundir };
+    this.db = new OvsdbClient(cfg.dbSock, cfg.timeoutMs ?? 20_000);
   }
 
   get config(): Readonly<OvsConfig> {
@@ -247,17 +252,18 @@ export class Ovs implements OvsApi {
     }
   }
 
-  private ownerIds(kind: "bridge" | "port", name: string, extra: Record<string, string> = {}): string[] {
-    const ids = Object.entries({ "ferry-owner": this.owner, ...extra }).map(([k, v]) => {
+  /** `external_ids` with Ferry's owner tag, each key and value checked. */
+  private externalIds(kind: "bridge" | "port", extra: Record<string, string> = {}): Record<string, string> {
+    const ids = { "ferry-owner": this.owner, ...extra };
+    for (const [k, v] of Object.entries(ids)) {
       if (!OPTION_KEY.test(k) || !OPTION_VALUE.test(v))
         throw FerryError.invalid(
           `${kind}.external_ids.${k}`,
           `"${k}=${v}" is not a plain key/value`,
           "use [a-z0-9_:-] keys and [A-Za-z0-9_.:/-] values",
         );
-      return `external_ids:${k}=${v}`;
-    });
-    return ["--", "set", kind === "bridge" ? "Bridge" : "Port", name, ...ids];
+    }
+    return ids;
   }
 
   async ensureBridge(name: string, datapathType = "netdev", opts: BridgeOptions = {}): Promise<void> {
@@ -272,37 +278,67 @@ export class Ovs implements OvsApi {
     // --may-exist plus "set" in the same transaction: an existing bridge converges to the spec.
     const set = ["--", "set", "Bridge", name, `datapath_type=${datapathType}`, `protocols=${BRIDGE_PROTOCOLS}`];
     if (opts.failMode) set.push(`fail_mode=${opts.failMode}`);
-    await this.vsctl(["--may-exist", "add-br", name, ...set, ...this.ownerIds("bridge", name)]);
+    const ids = Object.entries(this.externalIds("bridge")).map(([k, v]) => `external_ids:${k}=${v}`);
+    await this.vsctl(["--may-exist", "add-br", name, ...set, "--", "set", "Bridge", name, ...ids]);
   }
 
   async addPort(bridge: string, port: string, opts: PortOptions = {}): Promise<number> {
     validateInterfaceName("bridge", bridge);
     validateInterfaceName("port", port);
     validateOfport("ofport", opts.ofport);
-    const iface: string[] = [];
-    if (opts.type !== undefined) {
-      if (!/^[a-z0-9_]{0,20}$/.test(opts.type))
-        throw FerryError.invalid("type", `"${opts.type}" is not an interface type`, 'use e.g. "internal" or "vxlan"');
-      iface.push(`type=${opts.type}`);
-    }
+    if (opts.type !== undefined && !/^[a-z0-9_]{0,20}$/.test(opts.type))
+      throw FerryError.invalid("type", `"${opts.type}" is not an interface type`, 'use e.g. "internal" or "vxlan"');
     for (const [k, v] of Object.entries(opts.options ?? {})) {
       if (!OPTION_KEY.test(k) || !OPTION_VALUE.test(v))
         throw FerryError.invalid(`options.${k}`, `"${k}=${v}" is not a plain option`, "use [a-z0-9_:-] keys and [A-Za-z0-9_.:/-] values");
-      iface.push(`options:${k}=${v}`);
     }
-    if (opts.ofport) iface.push(`ofport_request=${opts.ofport}`);
-    const args = ["--may-exist", "add-port", bridge, port];
-    if (iface.length) args.push("--", "set", "Interface", port, ...iface);
-    args.push(...this.ownerIds("port", port, opts.externalIds));
-    try {
-      await this.vsctl(args);
-    } catch (e) {
-      if (e instanceof ExecError && /already exists on bridge/.test(e.stderr)) {
+    const externalIds = this.externalIds("port", opts.externalIds);
+    // As `ovs-vsctl --may-exist add-port B P -- set Interface P ... -- set Port P external_ids:...`:
+    // a port already on this bridge gets the given settings, one on another bridge is refused.
+    const [br, existing] = await this.db.transact([
+      selectByName("Bridge", bridge, ["_uuid", "ports"]),
+      selectByName("Port", port, ["_uuid"]),
+    ]);
+    const brRow = br!.rows?.[0];
+    if (!brRow) throw FerryError.notFound("OVS bridge", bridge, "create the bridge first (EnsureBridge)");
+    const portUuid = existing!.rows?.[0]?._uuid;
+    const iface: OvsdbRow = {};
+    if (opts.type !== undefined) iface.type = opts.type;
+    if (opts.ofport) iface.ofport_request = opts.ofport;
+    const ops: OvsdbOp[] = [];
+    if (portUuid) {
+      if (!uuidsOf(brRow.ports).includes((portUuid as [string, string])[1])) {
         throw new FerryError("AlreadyExists", `port: "${port}" already exists on another bridge`, {
           field: "port",
           fix: "delete it there first or pick another port name",
-          cause: e,
         });
+      }
+      if (Object.keys(iface).length) ops.push({ op: "update", table: "Interface", where: [["name", "==", port]], row: iface });
+      if (opts.options && Object.keys(opts.options).length) ops.push(setKeys("Interface", port, "options", opts.options));
+      ops.push(setKeys("Port", port, "external_ids", externalIds));
+    } else {
+      ops.push(
+        { op: "insert", table: "Interface", "uuid-name": "iface", row: { name: port, ...iface, options: ovsdbMap(opts.options ?? {}) } },
+        {
+          op: "insert",
+          table: "Port",
+          "uuid-name": "port",
+          row: { name: port, interfaces: ["named-uuid", "iface"], external_ids: ovsdbMap(externalIds) },
+        },
+        {
+          op: "mutate",
+          table: "Bridge",
+          where: [["name", "==", bridge]],
+          mutations: [["ports", "insert", ["set", [["named-uuid", "port"]]]]],
+        },
+      );
+    }
+    try {
+      await this.commitAndWait(ops);
+    } catch (e) {
+      // Another create of the same name won the race: the name index refuses the second.
+      if (e instanceof OvsdbError && e.code === "constraint violation") {
+        throw new FerryError("AlreadyExists", `port: "${port}" was created concurrently`, { field: "port", fix: "retry", cause: e });
       }
       throw e;
     }
@@ -323,7 +359,55 @@ export class Ovs implements OvsApi {
   async deletePort(bridge: string, port: string): Promise<void> {
     validateInterfaceName("bridge", bridge);
     validateInterfaceName("port", port);
-    await this.vsctl(["--if-exists", "del-port", bridge, port]);
+    // As `ovs-vsctl --if-exists del-port B P`. The Port and its Interface are not root rows:
+    // the database drops them once no bridge refers to them.
+    const [br, existing] = await this.db.transact([selectByName("Bridge", bridge, ["ports"]), selectByName("Port", port, ["_uuid"])]);
+    const portUuid = existing!.rows?.[0]?._uuid as [string, string] | undefined;
+    if (!portUuid) return;
+    if (!uuidsOf(br!.rows?.[0]?.ports).includes(portUuid[1])) {
+      throw new FerryError("FailedPrecondition", `port: "${port}" is not on bridge "${bridge}"`, {
+        field: "port",
+        fix: "delete it from the bridge that holds it",
+      });
+    }
+    await this.commitAndWait([
+      { op: "mutate", table: "Bridge", where: [["name", "==", bridge]], mutations: [["ports", "delete", ["set", [portUuid]]]] },
+    ]);
+  }
+
+  /**
+   * Commit `ops` with Open_vSwitch.next_cfg raised by one, then wait until ovs-vswitchd has applied
+   * that configuration (cur_cfg), as ovs-vsctl does without --no-wait: only then does a new port
+   * have its OpenFlow number, and a deleted one has let go of its device.
+   */
+  private async commitAndWait(ops: readonly OvsdbOp[]): Promise<void> {
+    const res = await this.db.transact([
+      ...ops,
+      { op: "mutate", table: "Open_vSwitch", where: [], mutations: [["next_cfg", "+=", 1]] },
+      { op: "select", table: "Open_vSwitch", where: [], columns: ["next_cfg", "cur_cfg"] },
+    ]);
+    const row = res[res.length - 1]!.rows?.[0];
+    const target = Number(row?.next_cfg);
+    let cur = Number(row?.cur_cfg);
+    const deadline = performance.now() + (this.cfg.timeoutMs ?? 20_000);
+    while (cur < target) {
+      const left = Math.round(deadline - performance.now());
+      try {
+        if (left <= 0) throw new OvsdbError("timed out", "timed out");
+        // Held by ovsdb-server until cur_cfg changes (or the time is up).
+        await this.db.transact([
+          { op: "wait", table: "Open_vSwitch", where: [], columns: ["cur_cfg"], until: "!=", rows: [{ cur_cfg: cur }], timeout: left },
+        ]);
+      } catch (e) {
+        if (!(e instanceof OvsdbError && e.code === "timed out")) throw e;
+        throw new FerryError("Unavailable", `ovs-vswitchd did not apply configuration ${target} (at ${cur}) in time`, {
+          fix: `check that ovs-vswitchd is running with rundir ${this.cfg.rundir}`,
+          cause: e,
+        });
+      }
+      const [now] = await this.db.transact([{ op: "select", table: "Open_vSwitch", where: [], columns: ["cur_cfg"] }]);
+      cur = Number(now!.rows?.[0]?.cur_cfg);
+    }
   }
 
   async addVxlanPort(bridge: string, port: string, opts: VxlanPortOptions): Promise<number> {
@@ -340,23 +424,15 @@ export class Ovs implements OvsApi {
   /** The OpenFlow port number of an interface; NotFound when OVS has no such interface. */
   async ofportOf(port: string): Promise<number> {
     validateInterfaceName("port", port);
-    const out = await this.vsctl([
-      "--columns=ofport,error",
-      "--format=csv",
-      "--data=bare",
-      "--no-headings",
-      "find",
-      "Interface",
-      `name=${port}`,
-    ]);
-    const line = out.trim();
-    if (!line) throw FerryError.notFound("OVS interface", port, "add the port first");
-    const [ofportRaw, ...errParts] = line.split(",");
-    const ofport = Number(ofportRaw);
+    const [r] = await this.db.transact([selectByName("Interface", port, ["ofport", "error"])]);
+    const row = r!.rows?.[0];
+    if (!row) throw FerryError.notFound("OVS interface", port, "add the port first");
+    const ofport = Number(setMembers(row.ofport)[0] ?? 0);
     if (!Number.isInteger(ofport) || ofport <= 0) {
+      const error = setMembers(row.error)[0];
       throw new FerryError(
         "FailedPrecondition",
-        `OVS interface "${port}" has no OpenFlow port: ${errParts.join(",").replace(/^"|"$/g, "") || "not attached"}`,
+        `OVS interface "${port}" has no OpenFlow port: ${typeof error === "string" ? error : "not attached"}`,
         {
           fix: "check the interface exists in the bridge's network namespace (ovs-vsctl list interface)",
         },
@@ -396,4 +472,27 @@ export class Ovs implements OvsApi {
     validateInterfaceName("bridge", bridge);
     return parseDumpFlows(await this.ofctl(["-O", OF_VERSION, "--no-stats", "dump-flows", bridge]));
   }
+}
+
+/** Select the row of `table` named `name` (Bridge, Port and Interface names are unique indexes). */
+function selectByName(table: string, name: string, columns: string[]): OvsdbOp {
+  return { op: "select", table, where: [["name", "==", name]], columns };
+}
+
+/** Set some keys of a map column, leaving its other keys, as `ovs-vsctl set T R col:k=v` does. */
+function setKeys(table: string, name: string, column: string, kv: Record<string, string>): OvsdbOp {
+  return {
+    op: "mutate",
+    table,
+    where: [["name", "==", name]],
+    mutations: [
+      [column, "delete", ["set", Object.keys(kv)]],
+      [column, "insert", ovsdbMap(kv)],
+    ],
+  };
+}
+
+/** The uuid strings of a set-of-uuids column (a bridge's ports). */
+function uuidsOf(v: unknown): string[] {
+  return setMembers(v as OvsdbRow[string] | undefined).map((u) => (u as [string, string])[1]);
 }
