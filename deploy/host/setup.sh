@@ -11,6 +11,8 @@
 # sources or libc. /opt/ferry/bin/criu runs it through the prefix's dynamic loader
 # (ld.so --library-path, no LD_LIBRARY_PATH, so tools that criu execs, such as iptables-restore,
 # keep the system libc) and /usr/local/sbin/criu points to it so that runc finds it through PATH.
+# That wrapper (criu-wrapper.c) also answers runc's per-call VERSION probe from a record of CRIU's
+# own answer, which saves a CRIU process at every checkpoint and restore.
 #
 # /opt/ferry/criu-tools/tar (criu-tar.c, static): the agent puts that directory first on CRIU's
 # PATH, so that an empty tmpfs mount is saved and restored without a tar and a gzip process.
@@ -158,16 +160,18 @@ write_wrapper() {
   # the loader is exec'd through a symlink named criu so that the process's comm is "criu"
   # (ps, pgrep -x criu), not "ld-linux-x86-64"; /proc/PID/exe still points to the loader
   ln -sfn "$ld" "$CRIU_PREFIX/ld/criu"
-  cat >"$CRIU_WRAPPER.tmp" <<EOF
-#!/bin/sh
-# Ferry: CRIU from Debian $CRIU_SUITE, private prefix $CRIU_PREFIX (written by deploy/host/setup.sh).
-# Runs criu through the prefix's own dynamic loader ($CRIU_PREFIX/ld/criu -> $ld).
-# No LD_LIBRARY_PATH on purpose: programs that criu executes (iptables-restore, ip, nft, ...)
-# must keep the system's libc.
-exec "$CRIU_PREFIX/ld/criu" --library-path "$LIBPATH" --argv0 criu "$CRIU_PREFIX/usr/sbin/criu" "\$@"
-EOF
-  chmod 755 "$CRIU_WRAPPER.tmp"
-  mv -f "$CRIU_WRAPPER.tmp" "$CRIU_WRAPPER"
+  # criu-wrapper.c: runs CRIU through that loader (no LD_LIBRARY_PATH on purpose: programs that
+  # criu executes, iptables-restore, ip, nft, ..., must keep the system's libc), and answers
+  # runc's VERSION probes from a record of this binary's own answer.
+  local src tmp
+  src="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/criu-wrapper.c"
+  tmp=$(mktemp "$CRIU_WRAPPER.XXXXXX")
+  gcc -O2 -static -Wall -Wextra -Werror \
+    -DCRIU_LOADER="\"$CRIU_PREFIX/ld/criu\"" -DCRIU_LIBPATH="\"$LIBPATH\"" \
+    -DCRIU_BINARY="\"$CRIU_PREFIX/usr/sbin/criu\"" -DCRIU_VERSION_RECORD="\"$CRIU_PREFIX/version-response\"" \
+    -o "$tmp" "$src" || { rm -f "$tmp"; die "cannot build $src"; }
+  chmod 755 "$tmp"
+  mv -f "$tmp" "$CRIU_WRAPPER"
 }
 
 link_criu() {
