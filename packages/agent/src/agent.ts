@@ -57,6 +57,8 @@ export interface AgentConfig {
   criuTools?: string;
   /** Namespace name prefix: "ferry-" gives /run/netns/ferry-<container>. Emulated hosts sharing a machine need their own. */
   netnsPrefix: string;
+  /** How a container's eth0 joins the bridge (NetNsConfig.link). Default "tap". */
+  netnsLink?: "tap" | "veth";
   /** This host's OVS instance (its ovsdb socket and run dir) and the overlay bridge. */
   ovs: { rundir: string; dbSock: string };
   bridge: string;
@@ -121,7 +123,7 @@ export async function createAgent(cfg: AgentConfig): Promise<Agent> {
   await store.init();
   const ovs = new Ovs({ rundir: cfg.ovs.rundir, dbSock: cfg.ovs.dbSock, owner: cfg.name });
   const holds = new PacketHolds((msg, fields) => log.warn(fields, msg));
-  const netns = new NetNs({ prefix: cfg.netnsPrefix, ovs, bridge: cfg.bridge, holds });
+  const netns = new NetNs({ prefix: cfg.netnsPrefix, ovs, bridge: cfg.bridge, holds, ...(cfg.netnsLink ? { link: cfg.netnsLink } : {}) });
   const resources = new HostResources(cfg.stateDir);
   const ops = new OperationLog(path.join(cfg.stateDir, "ops"));
   const storeImpl = createStoreService({ store, peerClient: grpcPeerClients(cfg.security), log });

@@ -21,6 +21,9 @@ const HELP = `usage: ferry-agent --name NAME [--listen ADDR] [--state-dir DIR] (
                      mount's archive itself (deploy/host/criu-tar.c; default
                      /opt/ferry/criu-tools when setup.sh built it there; "" for none)
   --netns-prefix P   container namespaces are /run/netns/<P><name> (default ferry-)
+  --netns-link tap|veth
+                     how a container's eth0 joins the bridge: an OVS internal port moved into
+                     the namespace (default), or a veth pair made across the namespaces
   --ovs-rundir DIR   this host's OVS run dir (default /var/run/openvswitch)
   --ovs-db SOCK      this host's ovsdb-server socket (default <ovs-rundir>/db.sock)
   --bridge BR        the overlay bridge (default br-ferry)
@@ -85,6 +88,7 @@ async function main(): Promise<void> {
       runc: { type: "string", default: "runc" },
       "criu-tools": { type: "string" },
       "netns-prefix": { type: "string", default: "ferry-" },
+      "netns-link": { type: "string", default: "tap" },
       "ovs-rundir": { type: "string", default: "/var/run/openvswitch" },
       "ovs-db": { type: "string" },
       bridge: { type: "string", default: "br-ferry" },
@@ -104,6 +108,10 @@ async function main(): Promise<void> {
   if (values.spawn !== "helper" && values.spawn !== "in-process") {
     throw FerryError.invalid("--spawn", `"${values.spawn}" is not a spawn mode`, "use helper (the default) or in-process");
   }
+  const netnsLink = values["netns-link"];
+  if (netnsLink !== "tap" && netnsLink !== "veth") {
+    throw FerryError.invalid("--netns-link", `"${netnsLink}" is not a link mode`, "use tap (the default) or veth");
+  }
   // runc, criu, ip, ovs-*: spawned by a small helper, so that no spawn stalls the calls being served.
   if (values.spawn === "helper") useLauncher();
   const tools = await criuTools(values["criu-tools"]);
@@ -116,6 +124,7 @@ async function main(): Promise<void> {
     runcPath: values.runc,
     criuTools: tools,
     netnsPrefix: values["netns-prefix"],
+    netnsLink,
     ovs: { rundir: values["ovs-rundir"], dbSock: values["ovs-db"] ?? `${values["ovs-rundir"]}/db.sock` },
     bridge: values.bridge,
     pageServerAddress: values["page-server-address"] ?? values.listen.replace(/:\d+$/, ""),

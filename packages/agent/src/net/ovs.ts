@@ -48,6 +48,8 @@ export interface OvsApi {
   deletePort(bridge: string, port: string): Promise<void>;
   addVxlanPort(bridge: string, port: string, opts: VxlanPortOptions): Promise<number>;
   ofportOf(port: string): Promise<number>;
+  /** The bridge's datapath_type: "netdev" (userspace) or "system" (kernel; OVS writes it as ""). */
+  datapathType(bridge: string): Promise<string>;
   setFlows(bridge: string, flows: readonly Flow[]): Promise<{ durationMs: number }>;
   deleteFlows(bridge: string, cookie: number): Promise<void>;
   listFlows(bridge: string): Promise<Flow[]>;
@@ -439,6 +441,14 @@ export class Ovs implements OvsApi {
       );
     }
     return ofport;
+  }
+
+  async datapathType(bridge: string): Promise<string> {
+    validateInterfaceName("bridge", bridge);
+    const [r] = await this.db.transact([selectByName("Bridge", bridge, ["datapath_type"])]);
+    const row = r!.rows?.[0];
+    if (!row) throw FerryError.notFound("OVS bridge", bridge, "create the bridge first (EnsureBridge)");
+    return String(row.datapath_type) || "system";
   }
 
   async setFlows(bridge: string, flows: readonly Flow[]): Promise<{ durationMs: number }> {
