@@ -2,9 +2,8 @@
 //   A (COAT's order): clear the source namespace inside the downtime, in parallel with the
 //     transfer; switch the flows host by host (destination, others, source).
 //   B (the test helpers' default): the source namespace, locked by CRIU and unreachable once the
-//     flows moved, is cleared after the restore; every host's flows switched at once. (The
-//     controller's pipeline switches every host at once too, but clears the source namespace
-//     inside the downtime, in parallel with the transfer, as A does.)
+//     flows moved, is cleared after the restore; every host's flows switched at once, as the
+//     controller's pipeline does.
 // Prints the median downtime and client-seen gap of each, and the ratio B/A.
 //   npx tsx --conditions=source bench/downtime-ab.ts [--rounds N]
 import { parseArgs } from "node:util";

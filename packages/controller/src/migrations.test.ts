@@ -75,17 +75,20 @@ describe("a migration", () => {
       "prepare-netns",
       "checkpoint",
       "transfer",
-      "clear-source-netns",
       "switch-path",
       "restore",
       "cleanup-source",
+      "clear-source-netns",
     ]);
     for (const s of saved.steps) {
       expect(s.state).toBe(StepState.STEP_STATE_DONE);
       expect(s.attempts).toBe(1);
       expect(s.startedAt).toBeInstanceOf(Date);
     }
-    expect(saved.steps.filter((s) => s.group === "transfer").map((s) => s.name)).toEqual(["transfer", "clear-source-netns", "switch-path"]);
+    expect(saved.steps.filter((s) => s.group === "transfer").map((s) => s.name)).toEqual(["transfer", "switch-path"]);
+    // The source's namespace is cleared after the commit, outside the downtime.
+    expect(saved.steps.filter((s) => s.group === "cleanup").map((s) => s.name)).toEqual(["cleanup-source", "clear-source-netns"]);
+    expect(saved.steps.filter((s) => s.inDowntime).map((s) => s.name)).toEqual(["checkpoint", "transfer", "switch-path", "restore"]);
     // The pre-checks inspected the container and asked the destination for its image, and saved
     // what they learnt with the record: no step asked again.
     expect(c.agent("edge-a").callsOf("inspectContainer")).toHaveLength(inspectsBefore + 1);
@@ -137,7 +140,6 @@ describe("a migration", () => {
     ["prepare-netns", "dst", "createNetns"],
     ["checkpoint", "src", "checkpoint"],
     ["transfer", "src", "exportCheckpoint"],
-    ["clear-source-netns", "src", "clearNetns"],
     ["switch-path", "dst", "setFlows", { when: (r) => String(r["operationKey"]).includes("/sdn-switch/") }],
     ["restore", "dst", "restore", { after: true }],
   ];
@@ -160,6 +162,19 @@ describe("a migration", () => {
       expect((await c.ctl.containers.where("web")).host).toBe("edge-a");
     });
   }
+
+  it("the source's namespace cannot be cleared: the migration still succeeds, with a warning, and the namespace stays", async () => {
+    const c = await cluster();
+    await c.run("web", "edge-a", 10);
+    c.agent("edge-a").fail("clearNetns", { code: "Internal", times: Infinity });
+    const m = await c.wait((await c.ctl.migrations.start(req("web", "edge-b"))).id);
+    c.agent("edge-a").clearFailpoints();
+    expect(m.state, m.error).toBe(MigrationState.MIGRATION_STATE_SUCCEEDED);
+    expect(m.error).toMatch(/committed, with warnings: step "clear-source-netns" failed after the commit/);
+    expect(m.steps.find((s) => s.name === "clear-source-netns")!.state).toBe(StepState.STEP_STATE_FAILED);
+    expect(c.net.whereRunning("web")).toEqual(["edge-b"]);
+    expect(c.agent("edge-a").netns.has("web")).toBe(true);
+  });
 
   it("retries an Unavailable agent call and succeeds", async () => {
     const c = await cluster();
