@@ -126,6 +126,8 @@ function representative(r: ResultLike, exp: string, way: "baseline" | "ferry"): 
 /**
  * The chart's x slots: the same piece of work both ways (the baseline's step name, Ferry's), in
  * migration order. "ns" = the destination namespace: in downtime for COAT, before the freeze for Ferry.
+ * Ferry clears the source's namespace with the rest of the source's copy in cleanup-source, after
+ * the downtime ("clear-source-netns" in results of older versions, beside the transfer).
  */
 const PHASES: Array<{ label: string; baseline?: string; ferry?: string }> = [
   { label: "image", ferry: "prepare-image" },

@@ -78,7 +78,6 @@ describe("a migration", () => {
       "switch-path",
       "restore",
       "cleanup-source",
-      "clear-source-netns",
     ]);
     for (const s of saved.steps) {
       expect(s.state).toBe(StepState.STEP_STATE_DONE);
@@ -86,9 +85,15 @@ describe("a migration", () => {
       expect(s.startedAt).toBeInstanceOf(Date);
     }
     expect(saved.steps.filter((s) => s.group === "transfer").map((s) => s.name)).toEqual(["transfer", "switch-path"]);
-    // The source's namespace is cleared after the commit, outside the downtime.
-    expect(saved.steps.filter((s) => s.group === "cleanup").map((s) => s.name)).toEqual(["cleanup-source", "clear-source-netns"]);
+    // The source's namespace goes with its container after the commit, outside the downtime.
     expect(saved.steps.filter((s) => s.inDowntime).map((s) => s.name)).toEqual(["checkpoint", "transfer", "switch-path", "restore"]);
+    expect(c.agent("edge-a").callsOf("clearNetns")).toEqual([]);
+    expect(
+      c
+        .agent("edge-a")
+        .callsOf("deleteContainer")
+        .map((r) => r["keepNetns"]),
+    ).toEqual([false]);
     // The pre-checks inspected the container and asked the destination for its image, and saved
     // what they learnt with the record: no step asked again.
     expect(c.agent("edge-a").callsOf("inspectContainer")).toHaveLength(inspectsBefore + 1);
@@ -162,19 +167,6 @@ describe("a migration", () => {
       expect((await c.ctl.containers.where("web")).host).toBe("edge-a");
     });
   }
-
-  it("the source's namespace cannot be cleared: the migration still succeeds, with a warning, and the namespace stays", async () => {
-    const c = await cluster();
-    await c.run("web", "edge-a", 10);
-    c.agent("edge-a").fail("clearNetns", { code: "Internal", times: Infinity });
-    const m = await c.wait((await c.ctl.migrations.start(req("web", "edge-b"))).id);
-    c.agent("edge-a").clearFailpoints();
-    expect(m.state, m.error).toBe(MigrationState.MIGRATION_STATE_SUCCEEDED);
-    expect(m.error).toMatch(/committed, with warnings: step "clear-source-netns" failed after the commit/);
-    expect(m.steps.find((s) => s.name === "clear-source-netns")!.state).toBe(StepState.STEP_STATE_FAILED);
-    expect(c.net.whereRunning("web")).toEqual(["edge-b"]);
-    expect(c.agent("edge-a").netns.has("web")).toBe(true);
-  });
 
   it("retries an Unavailable agent call and succeeds", async () => {
     const c = await cluster();
@@ -464,6 +456,38 @@ describe("a controller restart mid-migration", () => {
     expect(m.state, m.error).toBe(MigrationState.MIGRATION_STATE_ROLLED_BACK);
     expect(m.error).not.toContain("unknown to this controller");
     expect(m.steps.map((s) => s.name)).not.toContain("inspect");
+    expectOnlyOn(c2, "web", "10.77.0.10", "edge-a");
+  });
+
+  it("a record from an older controller that cleared the source's namespace in the downtime: its rollback puts it back", async () => {
+    const net = new FakeNetwork();
+    const c1 = await fakeCluster({ net });
+    await c1.run("web", "edge-a", 10);
+    c1.agent("edge-b").fail("restore", { code: "Internal", hang: true });
+    const { id } = await c1.ctl.migrations.start(req("web", "edge-b"));
+    const before = await c1.until(id, (m) => m.steps.find((s) => s.name === "restore")?.state === StepState.STEP_STATE_RUNNING);
+    await c1.close(true);
+    net.severAll();
+    await c1.ctl.journal.flush();
+    // As an older controller left it: clear-source-netns done beside the transfer, the namespace gone.
+    const journal = await MigrationJournal.open(c1.stateDir);
+    const transfer = before.steps.find((s) => s.name === "transfer")!;
+    const clear = { ...transfer, name: "clear-source-netns", details: {}, bytes: 0 };
+    const steps = before.steps.flatMap((s) => (s === transfer ? [s, clear] : [s]));
+    await journal.saveState({ ...before, steps }, await journal.getContext(id));
+    await journal.close();
+    c1.agent("edge-a").netns.delete("web");
+    for (const a of net.agents.values()) a.clearFailpoints();
+    const c2 = await cluster({ net, stateDir: c1.stateDir });
+    const m = await c2.wait(id);
+    expect(m.state, m.error).toBe(MigrationState.MIGRATION_STATE_ROLLED_BACK);
+    expect(m.steps.find((s) => s.name === "clear-source-netns")!.state).toBe(StepState.STEP_STATE_COMPENSATED);
+    expect(
+      c2
+        .agent("edge-a")
+        .callsOf("createNetns")
+        .map((r) => r["networkLocked"]),
+    ).toContain(true);
     expectOnlyOn(c2, "web", "10.77.0.10", "edge-a");
   });
 

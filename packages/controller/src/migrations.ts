@@ -280,7 +280,7 @@ export class MigrationService {
         this.launch(
           m,
           this.context(m, out),
-          this.stages(),
+          this.stages(m),
           () => {
             reservation?.release();
             release();
@@ -372,8 +372,9 @@ export class MigrationService {
 
   // ------------------------------------------------------------------------------------------
 
-  private stages(): Stage<MigrationCtx>[] {
-    return this.d.stages ? this.d.stages() : stopAndCopyPipeline();
+  /** The stages of a new migration, or of `m` when resumed. */
+  private stages(m?: Migration): Stage<MigrationCtx>[] {
+    return this.d.stages ? this.d.stages() : stopAndCopyPipeline(m?.steps.map((s) => s.name));
   }
 
   private context(m: Migration, out: MigrationOutputs): MigrationCtx {

@@ -195,9 +195,9 @@ export function parseDumpFlows(text: string): Flow[] {
 }
 
 /**
- * One Open vSwitch instance: ports through its database's own protocol (./ovsdb.ts), bridges through
- * ovs-vsctl, flows through ovs-ofctl. Every method is
- * safe to call twice; what it creates is tagged `external_ids:ferry-owner`.
+ * One Open vSwitch instance: ports through its database's own protocol (./ovsdb.ts), bridges
+ * (start-up only) through ovs-vsctl, flows through ovs-ofctl. Every method is safe to call twice;
+ * what it creates is tagged `external_ids:ferry-owner`.
  */
 export class Ovs implements OvsApi {
   private readonly owner: string;

@@ -1,8 +1,16 @@
 // The steps of a live migration, as the pipeline engine runs them (see ../pipeline):
 //
-//   ┬ prepare-image ┬─ checkpoint ─┬ transfer    ┬─ restore ═┬ cleanup-source
-//   └ prepare-netns ┘              └ switch-path ┘  (commit)  └ clear-source-netns
+//   ┬ prepare-image ┬─ checkpoint ─┬ transfer    ┬─ restore ═ cleanup-source
+//   └ prepare-netns ┘              └ switch-path ┘  (commit)  (container, namespace, checkpoint, blobs)
 //   no downtime                    │ downtime starts . downtime ends │
+//
+// The source's namespace goes with the source's container, after the commit, not inside the
+// downtime as COAT cleared it. Until then it costs the downtime nothing: CRIU's lock holds it
+// shut, and once the path is switched nothing is sent to it; a rollback restores the container
+// into it as it is. Cleared inside the downtime, it took CPU from the transfer and the path switch
+// (downtime 0.955-0.965x with it after the commit: testbed, controller path, 15 + 15 migrations
+// alternating, twice). Records saved by an older controller that cleared it in the downtime (step
+// clear-source-netns) resume with that pipeline (stopAndCopyPipeline).
 //
 // The container is not inspected here, nor the destination asked for its image: StartMigration's
 // pre-checks did both a moment before (the spec, the state and the image's bytes decide
@@ -349,25 +357,19 @@ async function exportCheckpoint(ctx: MigrationCtx, io: StepIo): Promise<{ checkp
   return { checkpointBlob: ctx.out.checkpointBlob, upperBlob: ctx.out.upperBlob };
 }
 
-/**
- * The source's namespace goes after the commit. Until then it costs the downtime nothing: CRIU's
- * lock holds it shut, and once the path is switched nothing is sent to it. A rollback restores the
- * container into it as it is. Cleared inside the downtime (COAT's order), it took CPU from the
- * transfer and the path switch: with it after the commit, the downtime was 0.955-0.965x (testbed,
- * controller path, 15 + 15 migrations alternating, twice), the total time the same.
- */
+/** Only in records saved by an older controller: see the diagram at the top. */
 const clearSourceNetns: Step<MigrationCtx> = {
   name: "clear-source-netns",
   timeoutMs: 30_000,
-  retry: retry(6),
+  retry: downtimeRetry,
+  inDowntime: true,
   async run(ctx, io) {
     const r = await ctx.source.client.clearNetns({ ...call(io), container: ctx.container }, agentOpts(io, ctx.source));
     io.detail("veth_wait_ms", r.waitMs);
   },
   async compensate(ctx, io) {
-    // Only a record saved by an older controller, which cleared the namespace inside the downtime,
-    // gets here (a rollback of that migration): the source's restore (the checkpoint's undo,
-    // which runs after this) needs the namespace back, locked as CRIU left it.
+    // The source's restore (the checkpoint's undo, which runs after this) needs its namespace
+    // back, locked as CRIU left it.
     const spec = need(ctx.out.spec, "spec");
     const network = { ...spec.network!, ofport: ctx.out.sourceOfport ?? spec.network?.ofport ?? 0 };
     await ctx.source.client
@@ -443,7 +445,8 @@ const cleanupSource: Step<MigrationCtx> = {
         ctx.source,
         (o) =>
           ctx.source.client
-            .deleteContainer({ ...call(io, "container"), name: ctx.container, force: true, keepNetns: true }, o)
+            // and its namespace (kept locked until now; see the diagram at the top)
+            .deleteContainer({ ...call(io, "container"), name: ctx.container, force: true, keepNetns: false }, o)
             .catch(ignoreNotFound),
       ],
       ...(ctx.out.checkpointId
@@ -483,18 +486,21 @@ export const PREPARE_GROUP = "prepare";
 /** Steps that run in parallel inside the downtime: none waits for another. */
 export const TRANSFER_GROUP = "transfer";
 
-/** Steps that run in parallel after the commit: retried, never undone. */
-export const CLEANUP_GROUP = "cleanup";
-
-/** The stop-and-copy pipeline (COAT's steps, with step 4's parts in parallel and the path switch among them). */
-export function stopAndCopyPipeline(): Stage<MigrationCtx>[] {
+/**
+ * The stop-and-copy pipeline (COAT's steps, with step 4's parts in parallel and the path switch
+ * among them). `saved`: the step names of a record being resumed; one made by an older controller
+ * that cleared the source's namespace inside the downtime resumes with that step, so that its
+ * rollback still puts the namespace back.
+ */
+export function stopAndCopyPipeline(saved: readonly string[] = []): Stage<MigrationCtx>[] {
+  const legacy = saved.includes(clearSourceNetns.name);
   return [
     // Independent, both ahead of the freeze: the image (if missing) and the locked namespace.
     { group: PREPARE_GROUP, steps: [prepareImage, prepareNetns] },
     checkpoint,
-    { group: TRANSFER_GROUP, steps: [transfer, switchPath] },
+    { group: TRANSFER_GROUP, steps: legacy ? [transfer, clearSourceNetns, switchPath] : [transfer, switchPath] },
     restore,
-    { group: CLEANUP_GROUP, steps: [cleanupSource, clearSourceNetns] },
+    cleanupSource,
   ];
 }
 
