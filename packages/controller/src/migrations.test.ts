@@ -397,12 +397,16 @@ describe("a migration", () => {
 });
 
 describe("a controller restart mid-migration", () => {
-  /** `afterWork`: the agent does the call's work, then hangs (the controller dies before the answer). */
+  /**
+   * `afterWork`: the agent does the call's work, then hangs (the controller dies before the answer).
+   * `asOlder`: rewrite the record (and the agents) as an older controller would have left them.
+   */
   async function crashDuring(
     step: string,
     method: string,
     host: "edge-a" | "edge-b",
     afterWork?: (c: FakeCluster) => boolean,
+    asOlder?: (before: Migration, c1: FakeCluster) => Migration,
   ): Promise<{ c2: FakeCluster; id: string; before: Migration }> {
     const net = new FakeNetwork();
     const c1 = await fakeCluster({ net });
@@ -419,6 +423,11 @@ describe("a controller restart mid-migration", () => {
     net.severAll();
     // Writes it had already begun land before the successor starts (a dead process writes nothing later).
     await c1.ctl.journal.flush();
+    if (asOlder) {
+      const journal = await MigrationJournal.open(c1.stateDir);
+      await journal.saveState(asOlder(before, c1), await journal.getContext(id));
+      await journal.close();
+    }
     for (const a of net.agents.values()) a.clearFailpoints();
     const c2 = await cluster({ net, stateDir: c1.stateDir });
     return { c2, id, before };
@@ -436,22 +445,11 @@ describe("a controller restart mid-migration", () => {
   });
 
   it("a record from an older controller, with its inspect step done: resumed, it rolls back cleanly", async () => {
-    const net = new FakeNetwork();
-    const c1 = await fakeCluster({ net });
-    await c1.run("web", "edge-a", 10);
-    c1.agent("edge-b").fail("createNetns", { code: "Internal", hang: true });
-    const { id } = await c1.ctl.migrations.start(req("web", "edge-b"));
-    const before = await c1.until(id, (m) => m.steps.find((s) => s.name === "prepare-netns")?.state === StepState.STEP_STATE_RUNNING);
-    await c1.close(true);
-    net.severAll();
-    await c1.ctl.journal.flush();
     // As an older controller saved it: the pipeline began with an inspect step.
-    const journal = await MigrationJournal.open(c1.stateDir);
-    const inspect = { ...before.steps[0]!, name: "inspect", group: "", state: StepState.STEP_STATE_DONE };
-    await journal.saveState({ ...before, steps: [inspect, ...before.steps] }, await journal.getContext(id));
-    await journal.close();
-    for (const a of net.agents.values()) a.clearFailpoints();
-    const c2 = await cluster({ net, stateDir: c1.stateDir });
+    const { c2, id } = await crashDuring("prepare-netns", "createNetns", "edge-b", undefined, (before) => ({
+      ...before,
+      steps: [{ ...before.steps[0]!, name: "inspect", group: "", state: StepState.STEP_STATE_DONE }, ...before.steps],
+    }));
     const m = await c2.wait(id);
     expect(m.state, m.error).toBe(MigrationState.MIGRATION_STATE_ROLLED_BACK);
     expect(m.error).not.toContain("unknown to this controller");
@@ -460,25 +458,13 @@ describe("a controller restart mid-migration", () => {
   });
 
   it("a record from an older controller that cleared the source's namespace in the downtime: its rollback puts it back", async () => {
-    const net = new FakeNetwork();
-    const c1 = await fakeCluster({ net });
-    await c1.run("web", "edge-a", 10);
-    c1.agent("edge-b").fail("restore", { code: "Internal", hang: true });
-    const { id } = await c1.ctl.migrations.start(req("web", "edge-b"));
-    const before = await c1.until(id, (m) => m.steps.find((s) => s.name === "restore")?.state === StepState.STEP_STATE_RUNNING);
-    await c1.close(true);
-    net.severAll();
-    await c1.ctl.journal.flush();
     // As an older controller left it: clear-source-netns done beside the transfer, the namespace gone.
-    const journal = await MigrationJournal.open(c1.stateDir);
-    const transfer = before.steps.find((s) => s.name === "transfer")!;
-    const clear = { ...transfer, name: "clear-source-netns", details: {}, bytes: 0 };
-    const steps = before.steps.flatMap((s) => (s === transfer ? [s, clear] : [s]));
-    await journal.saveState({ ...before, steps }, await journal.getContext(id));
-    await journal.close();
-    c1.agent("edge-a").netns.delete("web");
-    for (const a of net.agents.values()) a.clearFailpoints();
-    const c2 = await cluster({ net, stateDir: c1.stateDir });
+    const { c2, id } = await crashDuring("restore", "restore", "edge-b", undefined, (before, c1) => {
+      c1.agent("edge-a").netns.delete("web");
+      const transfer = before.steps.find((s) => s.name === "transfer")!;
+      const clear = { ...transfer, name: "clear-source-netns", details: {}, bytes: 0 };
+      return { ...before, steps: before.steps.flatMap((s) => (s === transfer ? [s, clear] : [s])) };
+    });
     const m = await c2.wait(id);
     expect(m.state, m.error).toBe(MigrationState.MIGRATION_STATE_ROLLED_BACK);
     expect(m.steps.find((s) => s.name === "clear-source-netns")!.state).toBe(StepState.STEP_STATE_COMPENSATED);
