@@ -28,7 +28,7 @@ export interface NetNsConfig {
    *   to the device unfinished, and the receiver would drop them: there the inner end computes
    *   them itself (ethtool tx off). Measured on the testbed's hosts, alternating: a create takes
    *   0.65x the time of a tap's (0.78x for 4 at once, 2 per host), but more CPU (50 against 30 ms),
-   *   and a clear takes 1.44x (43 against 30 ms), which a migration waits for inside its downtime.
+   *   and a clear takes 1.44x (43 against 30 ms).
    */
   link?: "tap" | "veth";
   /** Default 1450: the overlay is VXLAN over a 1500-byte underlay. */
