@@ -100,6 +100,23 @@ describe("OvsdbClient", () => {
     c.close();
   });
 
+  it("a dropped connection fails what was waiting with Unavailable; the next call connects again", async () => {
+    const seen = new WeakMap<Socket, number>();
+    let connections = 0;
+    const sockPath = await peer((req, sock) => {
+      if (!seen.has(sock)) seen.set(sock, ++connections);
+      // the first connection dies with a request pending (ovsdb-server restarted); the next answers
+      if (seen.get(sock) === 1) sock.destroy();
+      else sock.write(JSON.stringify({ id: req.id, result: [{ rows: [] }], error: null }));
+    });
+    const c = new OvsdbClient(sockPath, 2000);
+    const e = await c.transact([{ op: "select", table: "Port", where: [] }]).catch((x: unknown) => x);
+    expect(isFerryError(e) && e.code).toBe("Unavailable");
+    expect(await c.transact([{ op: "select", table: "Port", where: [] }])).toEqual([{ rows: [] }]);
+    expect(connections).toBe(2);
+    c.close();
+  });
+
   it("no server, or no answer in time: Unavailable; a late server still serves the next call", async () => {
     dir = mkdtempSync(path.join(tmpdir(), "ferry-ovsdb-"));
     const missing = new OvsdbClient(path.join(dir, "none.sock"), 500);
