@@ -396,10 +396,13 @@ export class Ovs implements OvsApi {
       const left = Math.round(deadline - performance.now());
       try {
         if (left <= 0) throw new OvsdbError("timed out", "timed out");
-        // Held by ovsdb-server until cur_cfg changes (or the time is up).
-        await this.db.transact([
+        // Held by ovsdb-server until cur_cfg changes (or the time is up); the select then reads
+        // the new value in the same round trip.
+        const [, now] = await this.db.transact([
           { op: "wait", table: "Open_vSwitch", where: [], columns: ["cur_cfg"], until: "!=", rows: [{ cur_cfg: cur }], timeout: left },
+          { op: "select", table: "Open_vSwitch", where: [], columns: ["cur_cfg"] },
         ]);
+        cur = Number(now!.rows?.[0]?.cur_cfg);
       } catch (e) {
         if (!(e instanceof OvsdbError && e.code === "timed out")) throw e;
         throw new FerryError("Unavailable", `ovs-vswitchd did not apply configuration ${target} (at ${cur}) in time`, {
@@ -407,8 +410,6 @@ export class Ovs implements OvsApi {
           cause: e,
         });
       }
-      const [now] = await this.db.transact([{ op: "select", table: "Open_vSwitch", where: [], columns: ["cur_cfg"] }]);
-      cur = Number(now!.rows?.[0]?.cur_cfg);
     }
   }
 
