@@ -43,6 +43,7 @@ export class PacketHolds implements PacketHoldApi {
   ) {}
 
   async hold(key: string, netnsPath: string): Promise<boolean> {
+    if (this.held.has(key)) return true; // a lock() of a namespace created locked: nothing to ask
     const a = await this.command(`hold ${key} ${netnsPath}`);
     if (a.startsWith("ok ")) {
       this.held.add(key);
