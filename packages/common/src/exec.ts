@@ -321,13 +321,21 @@ class Launcher implements Runner {
     proc.stdin.on("error", () => {
       /* a dead helper: "exit" fails its calls */
     });
-    let buf: Buffer = Buffer.alloc(0);
+    // An answer's chunks are joined once it is whole, not chunk by chunk (16 MiB of output
+    // arrive in ~250 reads of 64 KiB).
+    let chunks: Buffer[] = [];
+    let have = 0;
     answers.on("data", (d: Buffer) => {
-      buf = buf.length ? Buffer.concat([buf, d]) : d;
-      while (buf.length >= 4 && buf.length >= 4 + buf.readUInt32LE(0)) {
-        const len = buf.readUInt32LE(0);
-        const { id, out } = parseAnswer(buf.subarray(4, 4 + len));
-        buf = buf.subarray(4 + len);
+      chunks.push(d);
+      have += d.length;
+      while (have >= 4) {
+        if (chunks[0]!.length < 4) chunks = [Buffer.concat(chunks, have)];
+        const need = 4 + chunks[0]!.readUInt32LE(0);
+        if (have < need) return;
+        const all = chunks.length === 1 ? chunks[0]! : Buffer.concat(chunks, have);
+        const { id, out } = parseAnswer(all.subarray(4, need));
+        chunks = all.length > need ? [all.subarray(need)] : [];
+        have -= need;
         const done = h.pending.get(id);
         h.pending.delete(id);
         done?.(out);
