@@ -6,6 +6,7 @@ import path from "node:path";
 import { parseArgs } from "node:util";
 import { FerryError, asFerryError, createLogger, securityFromFlags, useLauncher } from "@ferry/common";
 import { startAgent } from "./agent.js";
+import { favorCgroupDynmods } from "./runtime/favor-dynmods.js";
 
 const HELP = `usage: ferry-agent --name NAME [--listen ADDR] [--state-dir DIR] (--tls-dir DIR [--tls-name NAME] | --insecure)
 
@@ -34,6 +35,11 @@ const HELP = `usage: ferry-agent --name NAME [--listen ADDR] [--state-dir DIR] (
                      ferry-spawn, built by \`make build\`), or the agent itself (each spawn
                      then stalls the agent ~0.06 ms per MiB of its resident size: fork copies
                      its page tables)
+  --cgroup-favor-dynmods on|off
+                     hold a cgroup hierarchy with the kernel's favordynmods option while the
+                     agent runs (default on): runc and CRIU then move processes between
+                     cgroups without waiting for an RCU grace period each, inside the downtime
+                     (runtime/favor-dynmods.ts); forks and exits pay an atomic operation
 
 FERRY_FAILPOINTS (tests only) makes named RPCs fail on purpose, e.g. "restore=1".
 `;
@@ -94,6 +100,7 @@ async function main(): Promise<void> {
       bridge: { type: "string", default: "br-ferry" },
       "page-server-address": { type: "string" },
       spawn: { type: "string", default: "helper" },
+      "cgroup-favor-dynmods": { type: "string", default: "on" },
       help: { type: "boolean", short: "h" },
     },
     strict: true,
@@ -112,9 +119,14 @@ async function main(): Promise<void> {
   if (netnsLink !== "tap" && netnsLink !== "veth") {
     throw FerryError.invalid("--netns-link", `"${netnsLink}" is not a link mode`, "use tap (the default) or veth");
   }
+  const favor = values["cgroup-favor-dynmods"];
+  if (favor !== "on" && favor !== "off") {
+    throw FerryError.invalid("--cgroup-favor-dynmods", `"${favor}" is neither on nor off`, "use on (the default) or off");
+  }
   // runc, criu, ip, ovs-*: spawned by a small helper, so that no spawn stalls the calls being served.
   if (values.spawn === "helper") useLauncher();
   const tools = await criuTools(values["criu-tools"]);
+  const dynmods = favor === "on" ? await favorCgroupDynmods({ log }) : undefined;
   const agent = await startAgent({
     name,
     listen: values.listen,
@@ -131,12 +143,18 @@ async function main(): Promise<void> {
     ...(process.env.FERRY_FAILPOINTS ? { failpoints: process.env.FERRY_FAILPOINTS } : {}),
     log,
   });
-  log.info({ port: agent.port, security: security.mode, criuTools: tools ?? "none" }, "agent listening");
+  log.info(
+    { port: agent.port, security: security.mode, criuTools: tools ?? "none", cgroupFavorDynmods: dynmods?.status ?? { state: "off" } },
+    "agent listening",
+  );
   // A line on stdout that a supervisor (the testbed) can wait for.
   process.stdout.write(`ferry-agent ready port=${agent.port}\n`);
   const stop = (): void => {
     log.info("agent stopping");
-    void agent.close().then(() => process.exit(0));
+    void agent.close().then(() => {
+      dynmods?.release();
+      process.exit(0);
+    });
   };
   process.on("SIGTERM", stop);
   process.on("SIGINT", stop);

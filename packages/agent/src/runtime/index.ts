@@ -19,3 +19,4 @@ export type { RuncApi, RuncOptions, RuncState, LaunchOptions } from "./runc.js";
 export { buildOciConfig } from "./oci.js";
 export { establishedConnections, openTcpTables, parseProcNetTcp, TCP_STATE, type TcpTables } from "./proc-net.js";
 export { KeyedMutex } from "./keyed-mutex.js";
+export { FAVOR_HIERARCHY, favorCgroupDynmods, type FavorDynmods, type FavorDynmodsState } from "./favor-dynmods.js";
