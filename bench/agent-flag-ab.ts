@@ -1,17 +1,34 @@
-// A/B of the agents' spawn mode, interleaved in one run on one testbed, through the agents:
-//   A: the agent spawns runc, criu, ip and ovs-* itself (`--spawn in-process`);
-//   B: a small helper process spawns them (`--spawn helper`, the default).
-// Both agents are restarted in the round's mode (containers survive it), then the container
-// moves edge-a -> edge-b -> edge-a with a checking client connected. Prints the medians of each
-// mode (downtime, checkpoint, transfer, restore, the gap the client saw) and the ratios B/A.
-//   npx tsx --conditions=source bench/launcher-ab.ts [--rounds N]
+// A/B of one agent flag, interleaved in one run on one testbed, through the agents: both agents
+// are restarted with the round's value (containers survive it), then the container moves
+// edge-a -> edge-b -> edge-a with a checking client connected. Prints the medians of each value
+// (downtime, checkpoint, transfer, restore, the gap the client saw, wall and CPU time) and the
+// ratios B/A.
+//   npx tsx --conditions=source bench/agent-flag-ab.ts [--flag spawn --a in-process --b helper] [--rounds N]
+// Measured with it: `--flag spawn` (the helper that spawns runc, criu, ip and ovs-*) and
+// `--flag cgroup-favor-dynmods --a off --b on` (runtime/favor-dynmods.ts).
+import { readFile } from "node:fs/promises";
 import { parseArgs } from "node:util";
+import { FAVOR_HIERARCHY } from "@ferry/agent";
 import { destroyBeds, echoUnderTest, makeBed, median, migrateViaAgents, type MigrationTimes } from "../test/helpers/agents.js";
 import { busyCpuMs } from "./stats.js";
 
-const { values } = parseArgs({ options: { rounds: { type: "string", default: "6" } } });
+const { values } = parseArgs({
+  options: {
+    flag: { type: "string", default: "spawn" },
+    a: { type: "string", default: "in-process" },
+    b: { type: "string", default: "helper" },
+    rounds: { type: "string", default: "6" },
+  },
+});
 const rounds = Number(values.rounds);
-const MODES = { A: "in-process", B: "helper" } as const;
+const VALUES = { A: values.a, B: values.b } as const;
+/** What each flag's value must show on this machine, checked every round: an A/B that silently ran one way twice would mislead. */
+const CHECKS: Record<string, (value: string) => Promise<string | undefined>> = {
+  "cgroup-favor-dynmods": async (value) => {
+    const held = (await readFile("/proc/self/cgroup", "utf8")).includes(`name=${FAVOR_HIERARCHY}:`);
+    return held === (value === "on") ? undefined : `the ${FAVOR_HIERARCHY} hierarchy is ${held ? "" : "not "}there with ${value}`;
+  },
+};
 const bed = await makeBed(["edge-a", "edge-b"]);
 try {
   const echo = await echoUnderTest(bed, "ab", "10.77.0.51");
@@ -20,8 +37,10 @@ try {
   let where = "edge-a";
   for (let i = 0; i < rounds * 2; i++) {
     const variant = i % 2 === 0 ? "A" : "B";
-    for (const h of ["edge-a", "edge-b"]) await bed.spawn(h, undefined, ["--spawn", MODES[variant]]);
+    for (const h of ["edge-a", "edge-b"]) await bed.spawn(h, undefined, [`--${values.flag}`, VALUES[variant]]);
     await new Promise((r) => setTimeout(r, 1000));
+    const wrong = await CHECKS[values.flag]?.(VALUES[variant]);
+    if (wrong) throw new Error(`round ${i}: ${wrong}`);
     for (let leg = 0; leg < 2; leg++) {
       const to = where === "edge-a" ? "edge-b" : "edge-a";
       const atMs = Date.now() - t0;
@@ -39,7 +58,7 @@ try {
     const rs = runs.filter((r) => r.variant === v);
     const m = (f: (r: (typeof rs)[number]) => number): number => Math.round(median(rs.map(f)));
     return {
-      spawn: MODES[v],
+      [values.flag]: VALUES[v],
       migrations: rs.length,
       downtime_ms: m((r) => r.t.downtimeMs),
       checkpoint_ms: m((r) => r.t.checkpointMs),
