@@ -165,6 +165,8 @@ export interface MigrationTimes {
   /** The checkpoint and upper blobs the destination pulled, and whether its restore deleted them. */
   pulled: string[];
   blobsDeleted: boolean;
+  /** The checkpoint answered with its blobs (export_blobs), and no ExportCheckpoint was needed. */
+  packedAtCheckpoint: boolean;
 }
 
 /**
@@ -180,6 +182,8 @@ export interface MigrateOptions {
   sequentialSwitch?: boolean;
   /** Dump the memory pages straight into a page server on the destination. */
   pageServer?: boolean;
+  /** The checkpoint packs its blobs (export_blobs), as the controller asks, instead of a separate ExportCheckpoint. */
+  packAtCheckpoint?: boolean;
 }
 
 export async function migrateViaAgents(
@@ -216,6 +220,7 @@ export async function migrateViaAgents(
     operationKey: `${key}/checkpoint`,
     name: spec.name,
     tcpEstablished: true,
+    exportBlobs: opts.packAtCheckpoint === true,
     ...(ps ? { pageServer: { address: ps.address, port: ps.port } } : {}),
   });
   const checkpointMs = performance.now() - t1;
@@ -231,7 +236,8 @@ export async function migrateViaAgents(
   let ex: agentApi.ExportCheckpointResponse | undefined;
   await Promise.all([
     (async () => {
-      ex = await src.client.exportCheckpoint({ operationKey: `${key}/export`, name: spec.name, checkpointId: cp.checkpointId });
+      ex =
+        cp.blobs ?? (await src.client.exportCheckpoint({ operationKey: `${key}/export`, name: spec.name, checkpointId: cp.checkpointId }));
       await Promise.all([pull(ex.checkpoint, "pull-checkpoint"), pull(ex.upper, "pull-upper")]);
     })(),
     opts.clearInDowntime ? src.client.clearNetns({ operationKey: `${key}/clear`, container: spec.name }) : Promise.resolve(),
@@ -268,6 +274,7 @@ export async function migrateViaAgents(
     imageBytes: (ex!.checkpoint?.sizeBytes ?? 0) + (ex!.upper?.sizeBytes ?? 0),
     pulled: [ex!.checkpoint!.digest, ex!.upper!.digest],
     blobsDeleted: restored.blobsDeleted,
+    packedAtCheckpoint: cp.blobs !== undefined,
   };
 }
 

@@ -95,7 +95,9 @@ describe("live migration between two agents", () => {
     let where = "edge-a";
     for (let i = 0; i < 10; i++) {
       const to = where === "edge-a" ? "edge-b" : "edge-a";
-      const t = await migrateViaAgents(bed, spec, where, to, `echo-${i}`);
+      // Every other one as the controller asks: the checkpoint packs its blobs in the same call.
+      const t = await migrateViaAgents(bed, spec, where, to, `echo-${i}`, { packAtCheckpoint: i % 2 === 1 });
+      expect(t.packedAtCheckpoint).toBe(i % 2 === 1);
       times.push(t);
       // The destination's restore deleted the blobs it was made from.
       expect(t.blobsDeleted).toBe(true);

@@ -12,6 +12,7 @@ import {
   type ContainerInfo,
   type ContainerResources,
   type ContainerSpec,
+  type ExportCheckpointResponse,
   type GetCapabilitiesResponse,
   type NetworkSpec,
 } from "@ferry/api/agent";
@@ -166,6 +167,16 @@ export async function createAgent(cfg: AgentConfig): Promise<Agent> {
     );
   }
 
+  /** A checkpoint and its container's upper dir, packed into blobs for a peer to pull. */
+  async function exportBlobs(name: string, checkpointId: string): Promise<ExportCheckpointResponse> {
+    const started = performance.now();
+    const [checkpoint, upper] = await Promise.all([
+      store.packDir(runtime.checkpointDir(checkpointId), BlobKind.BLOB_KIND_CHECKPOINT),
+      store.packDir(runtime.upperDir(name), BlobKind.BLOB_KIND_UPPER),
+    ]);
+    return { checkpoint, upper, durationMs: Math.round(performance.now() - started) };
+  }
+
   const impl: Impl = {
     ...storeImpl,
     getCapabilities: () => Promise.resolve(capabilities),
@@ -274,17 +285,23 @@ export async function createAgent(cfg: AgentConfig): Promise<Agent> {
         ...(req.pageServer?.address ? { pageServer: { address: req.pageServer.address, port: req.pageServer.port } } : {}),
       });
       const { raw: _raw, ...stats } = r.stats;
-      return { checkpointId: r.checkpointId, stats, connections: r.connections, spec: r.spec, imageDigest: r.imageDigest };
+      // The container is dumped whatever the pack does: a failed one leaves the blobs to ExportCheckpoint.
+      const blobs = req.exportBlobs
+        ? await exportBlobs(name, r.checkpointId).catch((e: unknown) => {
+            log.warn({ err: e, container: name, checkpointId: r.checkpointId }, "checkpoint not packed; ExportCheckpoint will");
+            return undefined;
+          })
+        : undefined;
+      return {
+        checkpointId: r.checkpointId,
+        stats,
+        connections: r.connections,
+        spec: r.spec,
+        imageDigest: r.imageDigest,
+        ...(blobs ? { blobs } : {}),
+      };
     },
-    exportCheckpoint: async (req) => {
-      const started = performance.now();
-      const name = validateName("name", req.name);
-      const [checkpoint, upper] = await Promise.all([
-        store.packDir(runtime.checkpointDir(req.checkpointId), BlobKind.BLOB_KIND_CHECKPOINT),
-        store.packDir(runtime.upperDir(name), BlobKind.BLOB_KIND_UPPER),
-      ]);
-      return { checkpoint, upper, durationMs: Math.round(performance.now() - started) };
-    },
+    exportCheckpoint: (req) => exportBlobs(validateName("name", req.name), req.checkpointId),
     restore: async (req) => {
       await fail.check("restore");
       const started = performance.now();

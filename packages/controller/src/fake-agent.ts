@@ -72,6 +72,8 @@ export class FakeAgent {
   down = false;
   /** Restore ignores delete_blobs, as an agent from before it did. */
   restoreKeepsBlobs = false;
+  /** Checkpoint ignores export_blobs, as an agent from before it did. */
+  checkpointPacksNothing = false;
   capabilities: GetCapabilitiesResponse;
   capacity: Capacity = { cpuCores: 4, memoryBytes: 8 * GiB, diskBytes: 100 * GiB };
   /** Host-wide use apart from the containers. */
@@ -226,6 +228,16 @@ export class FakeAgent {
     const n = { network: { ...network, ofport }, ofport, locked };
     this.netns.set(container, n);
     return n;
+  }
+
+  /** A checkpoint and its upper dir as blobs (ExportCheckpoint, or Checkpoint with export_blobs). */
+  private pack(checkpointId: string): api.ExportCheckpointResponse {
+    const ck = this.checkpoints.get(checkpointId);
+    if (!ck) throw FerryError.notFound("checkpoint", checkpointId);
+    const checkpoint = this.newBlob(BlobKind.BLOB_KIND_CHECKPOINT, 4 * MiB);
+    const upper = this.newBlob(BlobKind.BLOB_KIND_UPPER, 64 * 1024);
+    this.net.blobMeta.set(checkpoint.digest, ck);
+    return { checkpoint, upper, durationMs: 4 };
   }
 
   private newBlob(kind: BlobKind, sizeBytes: number): BlobRef {
@@ -385,17 +397,10 @@ export class FakeAgent {
             connections: [{ localAddress: "10.77.0.10", localPort: 7000, remoteAddress: "10.77.0.99", remotePort: 40000 }],
             spec: clone(c.spec!),
             imageDigest: c.imageDigest,
+            ...(req["exportBlobs"] && !this.checkpointPacksNothing ? { blobs: this.pack(checkpointId) } : {}),
           };
         }),
-      exportCheckpoint: (req) =>
-        this.once("exportCheckpoint", req["operationKey"], req, () => {
-          const ck = this.checkpoints.get(String(req["checkpointId"]));
-          if (!ck) throw FerryError.notFound("checkpoint", String(req["checkpointId"]));
-          const checkpoint = this.newBlob(BlobKind.BLOB_KIND_CHECKPOINT, 4 * MiB);
-          const upper = this.newBlob(BlobKind.BLOB_KIND_UPPER, 64 * 1024);
-          this.net.blobMeta.set(checkpoint.digest, ck);
-          return { checkpoint, upper, durationMs: 4 };
-        }),
+      exportCheckpoint: (req) => this.once("exportCheckpoint", req["operationKey"], req, () => this.pack(String(req["checkpointId"]))),
       restore: (req) =>
         this.once("restore", req["operationKey"], req, () => {
           const r = api.RestoreRequest.fromPartial(req);

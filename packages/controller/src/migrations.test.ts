@@ -140,18 +140,23 @@ describe("a migration", () => {
   });
 
   // Each step before the commit, made to fail for good: the migration rolls back to the source.
-  const failures: [step: string, host: "src" | "dst", method: string, extra?: Partial<Failpoint>][] = [
+  // `older`: the source predates export_blobs, and the transfer asks it to export.
+  const failures: [step: string, host: "src" | "dst", method: string, extra?: Partial<Failpoint>, older?: boolean][] = [
     ["prepare-image", "dst", "pullBlob"],
     ["prepare-netns", "dst", "createNetns"],
     ["checkpoint", "src", "checkpoint"],
-    ["transfer", "src", "exportCheckpoint"],
+    ["checkpoint", "src", "checkpoint", { after: true, times: 1 }],
+    ["transfer", "dst", "pullBlob", { when: (r) => String(r["operationKey"]).includes("/transfer/") }],
+    ["transfer", "src", "exportCheckpoint", {}, true],
     ["switch-path", "dst", "setFlows", { when: (r) => String(r["operationKey"]).includes("/sdn-switch/") }],
     ["restore", "dst", "restore", { after: true }],
   ];
-  for (const [step, side, method, extra] of failures) {
-    it(`a failure in step "${step}" rolls back: the container runs on the source, exactly once, nothing left on the destination`, async () => {
+  for (const [step, side, method, extra, older] of failures) {
+    const how = `${method}${extra?.after ? " after its work" : ""}${older ? ", an older source" : ""}`;
+    it(`a failure in step "${step}" (${how}) rolls back: the container runs on the source, exactly once, nothing left anywhere`, async () => {
       const c = await cluster({ imageOn: ["edge-a"] });
       await c.run("web", "edge-a", 10);
+      c.agent("edge-a").checkpointPacksNothing = !!older;
       const agent = c.agent(side === "src" ? "edge-a" : "edge-b");
       agent.fail(method, { code: "Internal", times: Infinity, ...extra });
       const started = await c.ctl.migrations.start(req("web", "edge-b"));
@@ -165,6 +170,8 @@ describe("a migration", () => {
       expectOnlyOn(c, "web", "10.77.0.10", "edge-a");
       expect(isRunning(c.agent("edge-a"), "web")).toBe(true);
       expect((await c.ctl.containers.where("web")).host).toBe("edge-a");
+      // The checkpoint packed the blobs; only an older source is asked to export them.
+      expect(c.agent("edge-a").callsOf("exportCheckpoint").length > 0).toBe(!!older);
     });
   }
 
@@ -407,10 +414,12 @@ describe("a controller restart mid-migration", () => {
     host: "edge-a" | "edge-b",
     afterWork?: (c: FakeCluster) => boolean,
     asOlder?: (before: Migration, c1: FakeCluster) => Migration,
+    olderSource = false,
   ): Promise<{ c2: FakeCluster; id: string; before: Migration }> {
     const net = new FakeNetwork();
     const c1 = await fakeCluster({ net });
     await c1.run("web", "edge-a", 10);
+    c1.agent("edge-a").checkpointPacksNothing = olderSource;
     c1.agent(host).fail(method, { code: "Internal", hang: true, after: !!afterWork });
     const { id } = await c1.ctl.migrations.start(req("web", "edge-b"));
     const before = await c1.until(id, (m) => m.steps.find((s) => s.name === step)?.state === StepState.STEP_STATE_RUNNING);
@@ -484,13 +493,20 @@ describe("a controller restart mid-migration", () => {
     expect((await c2.ctl.journal.getContext<{ checkpointId?: string }>(id))?.checkpointId).toBeUndefined();
     const m = await c2.wait(id);
     expect(m.state, m.error).toBe(MigrationState.MIGRATION_STATE_ROLLED_BACK);
+    // Nor which blobs the dump was packed into: the undo asked the source again, under the run's
+    // key, and deleted them (expectOnlyOn: no checkpoint or upper blob anywhere).
     expectOnlyOn(c2, "web", "10.77.0.10", "edge-a");
     expect(c2.agent("edge-a").calls.filter((x) => x.method === "restore")).toHaveLength(1);
+    const keys = c2
+      .agent("edge-a")
+      .calls.filter((x) => x.method === "checkpoint")
+      .map((x) => x.req["operationKey"]);
+    expect(keys).toEqual([`${id}/checkpoint`, `${id}/checkpoint`]);
   });
 
-  it("after the export, before its answer: the undo asks the source which blobs it made, and deletes them", async () => {
+  it("after the export of an older source, before its answer: the undo asks the source which blobs it made, and deletes them", async () => {
     const exported = (c: FakeCluster) => [...c.agent("edge-a").blobs.values()].some((b) => b.kind === BlobKind.BLOB_KIND_CHECKPOINT);
-    const { c2, id } = await crashDuring("transfer", "exportCheckpoint", "edge-a", exported);
+    const { c2, id } = await crashDuring("transfer", "exportCheckpoint", "edge-a", exported, undefined, true);
     expect((await c2.ctl.journal.getContext<{ checkpointBlob?: unknown }>(id))?.checkpointBlob).toBeUndefined();
     const m = await c2.wait(id);
     expect(m.state, m.error).toBe(MigrationState.MIGRATION_STATE_ROLLED_BACK);

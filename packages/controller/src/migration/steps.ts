@@ -289,10 +289,21 @@ const checkpoint: Step<MigrationCtx> = {
   retry: downtimeRetry,
   inDowntime: true,
   async run(ctx, io) {
-    const r = await ctx.source.client.checkpoint({ ...call(io), name: ctx.container, tcpEstablished: true }, agentOpts(io, ctx.source));
+    // The source packs the blobs in the same call (exportBlobs): the transfer starts with the
+    // pulls, one round trip to the source sooner. An agent that predates it, or whose pack
+    // failed, answers without them, and the transfer asks for them (ExportCheckpoint).
+    const r = await ctx.source.client.checkpoint(
+      { ...call(io), name: ctx.container, tcpEstablished: true, exportBlobs: true },
+      agentOpts(io, ctx.source),
+    );
     // Saved with the step's DONE: an undo that finds no id here asks the source (see below).
     ctx.out.checkpointId = r.checkpointId;
     ctx.out.connections = r.connections;
+    if (r.blobs?.checkpoint && r.blobs.upper) {
+      ctx.out.checkpointBlob = r.blobs.checkpoint;
+      ctx.out.upperBlob = r.blobs.upper;
+      io.detail("export_ms", r.blobs.durationMs);
+    }
     const s = r.stats;
     if (s) {
       io.detail("criu_frozen_ms", s.frozenMs);
@@ -307,6 +318,22 @@ const checkpoint: Step<MigrationCtx> = {
     const { container } = await ctx.source.client
       .inspectContainer({ name: ctx.container }, agentOpts(io, ctx.source))
       .catch(() => ({ container: undefined }));
+    // The blobs the dump was packed into go first, whatever comes next (a repeated undo finds
+    // the container running). A controller that died before the DONE never saved them: the same
+    // call again, under the run's operation key, is answered from the source's record.
+    if (!ctx.out.checkpointBlob && container?.state === ContainerState.CONTAINER_STATE_CHECKPOINTED) {
+      const again = await ctx.source.client
+        .checkpoint(
+          { operationKey: `${ctx.id}/checkpoint`, name: ctx.container, tcpEstablished: true, exportBlobs: true },
+          agentOpts(io, ctx.source),
+        )
+        .catch(() => undefined); // not recorded: nothing was packed that the source could name
+      if (again?.blobs?.checkpoint && again.blobs.upper) {
+        ctx.out.checkpointBlob = again.blobs.checkpoint;
+        ctx.out.upperBlob = again.blobs.upper;
+      }
+    }
+    await inParallel(io, blobDeletions(ctx, io, "source"));
     if (container?.state === ContainerState.CONTAINER_STATE_RUNNING) return;
     // A controller that died between the dump and its DONE never saved the id; the source, whose
     // container is CHECKPOINTED by exactly that dump, has it.
@@ -326,8 +353,12 @@ const transfer: Step<MigrationCtx> = {
   retry: downtimeRetry,
   inDowntime: true,
   async run(ctx, io) {
-    // Not saved before the pulls (the undo can ask again, below): with the step's DONE.
-    const { checkpointBlob, upperBlob } = await exportCheckpoint(ctx, io);
+    // Packed by the checkpoint, or now. Not saved before the pulls (the undo can ask again,
+    // below): with the step's DONE.
+    const { checkpointBlob, upperBlob } =
+      ctx.out.checkpointBlob && ctx.out.upperBlob
+        ? { checkpointBlob: ctx.out.checkpointBlob, upperBlob: ctx.out.upperBlob }
+        : await exportCheckpoint(ctx, io);
     // The two pulls overlap: the longer one is the work (the export's time came with its call).
     await inParallel(io, [
       [ctx.dest, (o) => pull(ctx, io, checkpointBlob, "checkpoint", o)],
