@@ -53,7 +53,8 @@ try {
     }
   }
   const report = await echo.finish();
-  const gapOf = (r: (typeof runs)[number]): number => echo.gapAfter(r.atMs);
+  // Up to the next migration's start: a longer window would take in its gap too.
+  const gapOf = (r: (typeof runs)[number]): number => echo.gapAfter(r.atMs, runs[runs.indexOf(r) + 1]?.atMs);
   const stat = (v: "A" | "B") => {
     const rs = runs.filter((r) => r.variant === v);
     const m = (f: (r: (typeof rs)[number]) => number): number => Math.round(median(rs.map(f)));

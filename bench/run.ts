@@ -32,7 +32,7 @@ import { exec } from "@ferry/common";
 import type { EmulatedHost } from "@ferry/testbed";
 import { CLIENT_NETNS, TestbedBusyError, controllerClient, down, up } from "../deploy/testbed.js";
 import { writeCharts } from "./charts.js";
-import { ROOT, Shaper, type LinkShape } from "./shaping.js";
+import { COAT_SHAPES, Shaper } from "./shaping.js";
 import { SshFleet } from "./sshd.js";
 import {
   busyCpuMs,
@@ -65,22 +65,6 @@ const CLIENT_S = 10; // sockperf / iperf3 duration: PRE_S + the migration + what
 const FERRY = path.join(REPO, "bin/ferry");
 const FERRY_ENV = { ...process.env, FERRY_CONTROLLER: "127.0.0.1:7440", FERRY_TLS_DIR: path.join(REPO, ".ferry/certs") };
 const CLIENT_NETNS_PATH = `/run/netns/${CLIENT_NETNS}`;
-
-// COAT's shaping; the root namespace (controller + CLI) gets the client host's, see the README.
-const SHAPES: Record<"sockperf" | "iperf", Record<string, LinkShape>> = {
-  sockperf: {
-    "edge-a": { delayMs: 20, rateMbit: 0 },
-    "edge-b": { delayMs: 2, rateMbit: 0 },
-    "client-host": { delayMs: 2, rateMbit: 0 },
-    [ROOT]: { delayMs: 2, rateMbit: 0 },
-  },
-  iperf: {
-    "edge-a": { delayMs: 0, rateMbit: 100 },
-    "edge-b": { delayMs: 0, rateMbit: 500 },
-    "client-host": { delayMs: 0, rateMbit: 500 },
-    [ROOT]: { delayMs: 0, rateMbit: 500 },
-  },
-};
 
 type Way = "baseline" | "ferry";
 interface StepOut {
@@ -436,7 +420,7 @@ async function main(): Promise<void> {
 
   for (const experiment of ["sockperf", "iperf"] as const) {
     if (!ONLY.has(experiment)) continue;
-    if (!flags["no-shaping"]) await linkShaper.apply(SHAPES[experiment]);
+    if (!flags["no-shaping"]) await linkShaper.apply(COAT_SHAPES[experiment]);
     for (let i = 0; i < RUNS; i++) {
       await oneRun(experiment, "baseline", i);
       await oneRun(experiment, "ferry", i);

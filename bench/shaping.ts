@@ -26,6 +26,22 @@ export interface LinkShape {
 /** Shape key of the root namespace's underlay link (where the controller runs). */
 export const ROOT = "root";
 
+/** COAT's shaping; the root namespace (controller + CLI) gets the client host's, see the README. */
+export const COAT_SHAPES: Record<"sockperf" | "iperf", Record<string, LinkShape>> = {
+  sockperf: {
+    "edge-a": { delayMs: 20, rateMbit: 0 },
+    "edge-b": { delayMs: 2, rateMbit: 0 },
+    "client-host": { delayMs: 2, rateMbit: 0 },
+    [ROOT]: { delayMs: 2, rateMbit: 0 },
+  },
+  iperf: {
+    "edge-a": { delayMs: 0, rateMbit: 100 },
+    "edge-b": { delayMs: 0, rateMbit: 500 },
+    "client-host": { delayMs: 0, rateMbit: 500 },
+    [ROOT]: { delayMs: 0, rateMbit: 500 },
+  },
+};
+
 interface Wire {
   /** The underlay-side link of the host (ul<N>, or ulroot) and the tag of our veth pair (dw<tag>a/b). */
   link: string;

@@ -294,14 +294,16 @@ export interface EchoClientReport {
 /**
  * For the A/B benchmarks: a ferry-echo container `name` at `ip` on edge-a, routed, and the
  * checking client connected to it from the client workload (100 kB/s, gaps from 50 ms).
- * `t0` is taken 1.5 s after the client started; `gapAfter(atMs)` is the longest gap the client
- * saw within 4.5 s after `atMs` (ms since `t0`), once `finish()` has stopped it.
+ * `t0` is taken 1.5 s after the client started; once `finish()` has stopped it,
+ * `gapAfter(atMs, untilMs)` is the longest gap the client saw that began in [atMs, untilMs) (ms
+ * since `t0`; untilMs defaults to atMs + 3000). Give each migration's window up to the next
+ * one's start: a longer window also takes in the next migration's gap.
  */
 export async function echoUnderTest(
   bed: Bed,
   name: string,
   ip: string,
-): Promise<{ spec: ContainerSpec; t0: number; finish(): Promise<EchoClientReport>; gapAfter(atMs: number): number }> {
+): Promise<{ spec: ContainerSpec; t0: number; finish(): Promise<EchoClientReport>; gapAfter(atMs: number, untilMs?: number): number }> {
   const spec: ContainerSpec = {
     name,
     image: "testkit",
@@ -317,6 +319,7 @@ export async function echoUnderTest(
   const { container } = await a.client.createContainer({ spec, createNetns: true });
   await a.client.startContainer({ name });
   await routeTo(bed, ip, a.host, container!.spec!.network!.ofport);
+  const spawnedAt = Date.now();
   const client = spawn("nsenter", [`--net=${bed.workload.netnsPath}`, bed.echoClient, ip, "7000", "--rate", "100000", "--gap-ms", "50"], {
     stdio: ["ignore", "pipe", "pipe"],
   });
@@ -324,15 +327,22 @@ export async function echoUnderTest(
   client.stdout.on("data", (d: Buffer) => (out += d.toString()));
   await new Promise((r) => setTimeout(r, 1500));
   let report: EchoClientReport | undefined;
+  const t0 = Date.now();
+  // The client's clock starts when it has connected, a few ms after the spawn: its times, less
+  // this, are ms since t0 (early by those few ms; the window below allows 50).
+  const clientOffset = t0 - spawnedAt;
   return {
     spec,
-    t0: Date.now(),
+    t0,
     async finish() {
       client.kill("SIGTERM");
       await new Promise((r) => client.on("close", r));
       return (report = JSON.parse(out) as EchoClientReport);
     },
-    // The client's clock starts ~1.5 s before t0.
-    gapAfter: (atMs) => Math.max(0, ...(report?.gaps ?? []).filter((g) => g.atMs >= atMs && g.atMs <= atMs + 1500 + 3000).map((g) => g.ms)),
+    gapAfter: (atMs, untilMs = atMs + 3000) =>
+      Math.max(
+        0,
+        ...(report?.gaps ?? []).filter((g) => g.atMs - clientOffset >= atMs - 50 && g.atMs - clientOffset < untilMs).map((g) => g.ms),
+      ),
   };
 }
