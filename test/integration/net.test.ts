@@ -59,6 +59,24 @@ async function expectFerryError(p: Promise<unknown>, code: FerryError["code"], f
 const ping = (ip: string, count: number, waitS = 1): Promise<{ received: number; avgMs: number }> =>
   pingFrom(wl.netnsPath, ip, count, waitS);
 
+/**
+ * One echo request to the locked CT_IP (busybox ping sends it once: a dropping lock leaves it
+ * unanswered): held, then answered once CRIU's unlock has run (what its restore runs) and `ns`
+ * released it, as the agent does once the container runs. Its RTT, the time it waited.
+ */
+async function expectHeldUntilReleased(ns: NetNs, netnsPath: string): Promise<number> {
+  const held = ping(CT_IP, 1, 5);
+  await new Promise((r) => setTimeout(r, 600));
+  for (const rules of [CRIU_UNLOCK_JUMPS, CRIU_UNLOCK_CHAIN]) {
+    await exec("nsenter", [`--net=${netnsPath}`, "iptables-restore", "-w", "--noflush"], { input: rules });
+  }
+  expect(await ns.releaseHeld(CT)).toBeGreaterThanOrEqual(1);
+  const h = await held;
+  expect(h.received).toBe(1);
+  expect(h.avgMs).toBeGreaterThanOrEqual(400);
+  return Math.round(h.avgMs);
+}
+
 /** A TCP echo server (Node) inside a namespace; resolves once it listens. */
 async function startEchoServer(netnsPath: string, tag: string): Promise<ChildProcess> {
   const script = `require("net").createServer((c)=>c.on("data",(d)=>c.write("${tag}:"+d))).listen(${PORT},"0.0.0.0",()=>console.log("listening"))`;
@@ -423,19 +441,7 @@ describe.skipIf(!isRoot)("network layer (emulated hosts, OVS userspace, VXLAN)",
       const info = await nsH.create(CT, { ipCidr: `${CT_IP}/24`, ofport: CT_OFPORT }, []);
       expect(await nsH.isLocked(CT)).toBe(true);
 
-      // One echo request, sent while locked: held, and answered once released (its RTT is the
-      // time it waited). busybox ping sends it once, so with a dropping lock it would go unanswered.
-      const held = ping(CT_IP, 1, 5);
-      await new Promise((r) => setTimeout(r, 600));
-      // What CRIU's restore runs, then what the agent does once the container runs.
-      for (const rules of [CRIU_UNLOCK_JUMPS, CRIU_UNLOCK_CHAIN]) {
-        await exec("nsenter", [`--net=${info.path}`, "iptables-restore", "-w", "--noflush"], { input: rules });
-      }
-      expect(await nsH.releaseHeld(CT)).toBeGreaterThanOrEqual(1);
-      const h = await held;
-      expect(h.received).toBe(1);
-      expect(h.avgMs).toBeGreaterThanOrEqual(400);
-      measured.heldPingRttMs = Math.round(h.avgMs);
+      measured.heldPingRttMs = await expectHeldUntilReleased(nsH, info.path);
       expect(await nsH.releaseHeld(CT)).toBe(0); // nothing held any more
 
       // Locked again, then unlocked without a release (no container took over): dropped.
@@ -454,7 +460,36 @@ describe.skipIf(!isRoot)("network layer (emulated hosts, OVS userspace, VXLAN)",
       expect((await cleared).received).toBe(0);
       expect(warnings).toEqual([]);
     } finally {
-      holds.close();
+      await holds.close();
+    }
+  });
+
+  it("an agent that restarts holds its locked namespaces again, and not another host's", async () => {
+    const warnings: string[] = [];
+    const warn = (msg: string): void => void warnings.push(msg);
+    const before = new PacketHolds(warn);
+    const after = new PacketHolds(warn);
+    const elsewhere = new PacketHolds(warn);
+    const nsBefore = new NetNs({ prefix: b.netnsPrefix, ovs: ovsB, bridge: b.bridge, hostNs: b.netns, holds: before });
+    const nsAfter = new NetNs({ prefix: b.netnsPrefix, ovs: ovsB, bridge: b.bridge, hostNs: b.netns, holds: after });
+    // An agent on another emulated host whose prefix also covers B's namespaces (the testbed's
+    // client host has "ferry-"): the port is not on its bridge.
+    const nsElsewhere = new NetNs({ prefix: b.netnsPrefix, ovs: ovsA, bridge: a.bridge, hostNs: a.netns, holds: elsewhere });
+    try {
+      // The path still leads to B: a destination's namespace, locked and held, then its agent dies.
+      const info = await nsBefore.create(CT, { ipCidr: `${CT_IP}/24`, ofport: CT_OFPORT }, []);
+      await before.close();
+      expect(await nsElsewhere.holdLocked()).toEqual([]);
+      expect(await nsAfter.holdLocked()).toEqual([CT]);
+
+      // Sent while locked, after the restart: held, and handed over by the restore's release.
+      await expectHeldUntilReleased(nsAfter, info.path);
+      // Unlocked now: a later start holds nothing.
+      expect(await nsAfter.holdLocked()).toEqual([]);
+      expect(warnings).toEqual([]);
+    } finally {
+      await nsAfter.clear(CT);
+      await Promise.all([before.close(), after.close(), elsewhere.close()]);
     }
   });
 

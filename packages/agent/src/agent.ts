@@ -129,7 +129,14 @@ export async function createAgent(cfg: AgentConfig): Promise<Agent> {
   const ops = new OperationLog(path.join(cfg.stateDir, "ops"));
   const storeImpl = createStoreService({ store, peerClient: grpcPeerClients(cfg.security), log });
   const { containers, orphans } = await runtime.rediscover();
-  log.info({ criu: capabilities.criu?.version, kernel: capabilities.kernel, containers: containers.length, orphans }, "agent started");
+  const held = await netns.holdLocked().catch((e: unknown) => {
+    log.warn({ err: e }, "locked namespaces not held again: what reaches them is dropped until their restore");
+    return [] as string[];
+  });
+  log.info(
+    { criu: capabilities.criu?.version, kernel: capabilities.kernel, containers: containers.length, orphans, heldAgain: held },
+    "agent started",
+  );
 
   /** CRIU must be there, pass `criu check`, and be new enough for TCP on this kernel. */
   function requireCriu(): void {

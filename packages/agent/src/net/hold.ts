@@ -9,6 +9,7 @@
 // backed-off timer (200, 400, 800 ms... after the last). A namespace cleared (a rollback)
 // drops them. Anything that goes wrong here leaves the lock as it was before: packets dropped.
 import { spawn, type ChildProcessByStdio } from "node:child_process";
+import { once } from "node:events";
 import type { Socket } from "node:net";
 import type { Readable, Writable } from "node:stream";
 import { fileURLToPath } from "node:url";
@@ -65,10 +66,15 @@ export class PacketHolds implements PacketHoldApi {
     if (this.held.delete(key)) await this.command(`drop ${key}`);
   }
 
-  close(): void {
-    this.helper?.proc.stdin.end();
+  /** End the helper (its sockets close with it: the kernel drops what they held); resolves once it has exited. */
+  close(): Promise<void> {
+    const proc = this.helper?.proc;
     this.helper = undefined;
     this.held.clear();
+    if (!proc) return Promise.resolve();
+    const exited = proc.exitCode !== null || proc.signalCode !== null ? Promise.resolve() : once(proc, "exit").then(() => undefined);
+    proc.stdin.end();
+    return exited;
   }
 
   /** One command's answer line; "error ..." when the helper cannot be run or dies meanwhile. */

@@ -1,7 +1,17 @@
 import { createHash } from "node:crypto";
 import { access, readdir } from "node:fs/promises";
 import type { TcpConnection } from "@ferry/api/agent";
-import { ExecError, FerryError, exec, macFromIp, parseIpv4Cidr, validateIpv4, validateMac, validateName } from "@ferry/common";
+import {
+  ExecError,
+  FerryError,
+  exec,
+  isFerryError,
+  macFromIp,
+  parseIpv4Cidr,
+  validateIpv4,
+  validateMac,
+  validateName,
+} from "@ferry/common";
 import type { PacketHoldApi } from "./hold.js";
 import { isNetnsLocked, lockNetns, unlockNetns } from "./lock.js";
 import type { OvsApi } from "./ovs.js";
@@ -319,6 +329,39 @@ export class NetNs implements NetNsApi {
 
   async releaseHeld(container: string): Promise<number> {
     return (await this.cfg.holds?.release(this.nsName(container))) ?? 0;
+  }
+
+  /**
+   * At agent start: hold again what reaches this host's locked namespaces (a destination waiting
+   * for its restore, a dumped source), as create() did. The holds of the agent before this one
+   * ended with it, and the kernel dropped what they held; from now on, a restore hands over what
+   * arrives. A namespace of this prefix is this host's when its port is on this host's bridge
+   * (emulated hosts on one machine share /run/netns). Returns the containers held.
+   */
+  async holdLocked(): Promise<string[]> {
+    const holds = this.cfg.holds;
+    if (!holds) return [];
+    const names = (await readdir(this.dir).catch(() => [] as string[])).filter((n) => n.startsWith(this.cfg.prefix));
+    const held: string[] = [];
+    for (const name of names) {
+      const container = name.slice(this.cfg.prefix.length);
+      try {
+        validateName("container", container);
+      } catch {
+        continue; // not a container's namespace
+      }
+      // NotFound: another host's; FailedPrecondition: this host's port, not attached (still ours).
+      const mine = await this.cfg.ovs.ofportOf(portNameFor(this.cfg.prefix, container)).then(
+        () => true,
+        (e: unknown) => {
+          if (isFerryError(e, "NotFound")) return false;
+          if (isFerryError(e, "FailedPrecondition")) return true;
+          throw e;
+        },
+      );
+      if (mine && (await this.isLocked(container)) && (await holds.hold(name, this.path(container)))) held.push(container);
+    }
+    return held;
   }
 
   /**
