@@ -47,14 +47,13 @@ export interface FavorDynmods {
   release(): void;
 }
 
-/** Mounts visible here whose super options include favordynmods (mountinfo field after " - "). */
-async function favouringMounts(): Promise<string[]> {
+/** Whether a cgroup mount visible here has favordynmods among its super options (mountinfo, after " - "). */
+async function hostFavours(): Promise<boolean> {
   const info = await readFile("/proc/self/mountinfo", "utf8");
-  return info
-    .split("\n")
-    .map((l) => l.split(" - ")[1]?.split(" ") ?? [])
-    .filter(([fs, , opts]) => (fs === "cgroup" || fs === "cgroup2") && (opts ?? "").split(",").includes("favordynmods"))
-    .map(([fs, src]) => `${fs} ${src}`);
+  return info.split("\n").some((l) => {
+    const [fs, , opts] = l.split(" - ")[1]?.split(" ") ?? [];
+    return (fs === "cgroup" || fs === "cgroup2") && (opts ?? "").split(",").includes("favordynmods");
+  });
 }
 
 /**
@@ -68,7 +67,7 @@ export async function favorCgroupDynmods(opts: { log?: Logger; timeoutMs?: numbe
   if (!features.split("\n").includes("favordynmods")) {
     return none({ state: "unavailable", reason: "this kernel has no favordynmods option (/sys/kernel/cgroup/features)" });
   }
-  if ((await favouringMounts()).length > 0) return none({ state: "host" });
+  if (await hostFavours()) return none({ state: "host" });
 
   const child = spawn("unshare", ["--mount", "--propagation", "private", "--", "sh", "-c", HOLD_SCRIPT], {
     stdio: ["pipe", "pipe", "pipe"],
