@@ -92,8 +92,11 @@ describe("live migration between two agents", () => {
     await echoConnected(client);
     await new Promise((r) => setTimeout(r, 500));
     const times: MigrationTimes[] = [];
+    // The client prints a line for each pause once its data flows again.
+    const pausesSeen = (): number => (client.stderr().match(/^gap /gm) ?? []).length;
     let where = "edge-a";
     for (let i = 0; i < 10; i++) {
+      const pausesBefore = pausesSeen();
       const to = where === "edge-a" ? "edge-b" : "edge-a";
       // Every other one as the controller asks: the checkpoint packs its blobs in the same call.
       const t = await migrateViaAgents(bed, spec, where, to, `echo-${i}`, { packAtCheckpoint: i % 2 === 1 });
@@ -103,6 +106,12 @@ describe("live migration between two agents", () => {
       expect(t.blobsDeleted).toBe(true);
       expect((await bed.edges.get(to)!.client.hasBlobs({ digests: t.pulled })).missing).toEqual(t.pulled);
       where = to;
+      // The next move waits for the client's data to flow again: a client whose retransmission
+      // met the source's lock is backing off (200, 400, 800 ms...), and moves every ~0.7 s would
+      // meet it at every retry, merging all the pauses into one (seen once: 8.7 s over 10).
+      for (const end = Date.now() + 10_000; pausesSeen() === pausesBefore && Date.now() < end;) {
+        await new Promise((r) => setTimeout(r, 20));
+      }
       // Let the stream run between moves: each round checks bytes that crossed a migration.
       await new Promise((r) => setTimeout(r, 400));
     }
