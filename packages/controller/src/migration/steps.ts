@@ -24,7 +24,16 @@
 //
 // Every agent call carries the step's operation key (`<migration id>/<step>`), so a retried call,
 // or one repeated after a controller restart, is answered from the agent's record.
-import { BlobKind, ContainerState, type BlobRef, type ContainerInfo, type ContainerSpec, type TcpConnection } from "@ferry/api/agent";
+import {
+  BlobKind,
+  ContainerState,
+  type BlobRef,
+  type CheckpointResponse,
+  type ContainerInfo,
+  type ContainerSpec,
+  type ExportCheckpointResponse,
+  type TcpConnection,
+} from "@ferry/api/agent";
 import { FerryError, RETRYABLE_CODES, type CallOpts } from "@ferry/common";
 import type { RetryPolicy, Stage, Step, StepIo } from "../pipeline/types.js";
 import type { AgentClient } from "../hosts.js";
@@ -292,18 +301,11 @@ const checkpoint: Step<MigrationCtx> = {
     // The source packs the blobs in the same call (exportBlobs): the transfer starts with the
     // pulls, one round trip to the source sooner. An agent that predates it, or whose pack
     // failed, answers without them, and the transfer asks for them (ExportCheckpoint).
-    const r = await ctx.source.client.checkpoint(
-      { ...call(io), name: ctx.container, tcpEstablished: true, exportBlobs: true },
-      agentOpts(io, ctx.source),
-    );
+    const r = await checkpointCall(ctx, io, io.key);
     // Saved with the step's DONE: an undo that finds no id here asks the source (see below).
     ctx.out.checkpointId = r.checkpointId;
     ctx.out.connections = r.connections;
-    if (r.blobs?.checkpoint && r.blobs.upper) {
-      ctx.out.checkpointBlob = r.blobs.checkpoint;
-      ctx.out.upperBlob = r.blobs.upper;
-      io.detail("export_ms", r.blobs.durationMs);
-    }
+    keepBlobs(ctx, io, r.blobs);
     const s = r.stats;
     if (s) {
       io.detail("criu_frozen_ms", s.frozenMs);
@@ -322,16 +324,9 @@ const checkpoint: Step<MigrationCtx> = {
     // the container running). A controller that died before the DONE never saved them: the same
     // call again, under the run's operation key, is answered from the source's record.
     if (!ctx.out.checkpointBlob && container?.state === ContainerState.CONTAINER_STATE_CHECKPOINTED) {
-      const again = await ctx.source.client
-        .checkpoint(
-          { operationKey: `${ctx.id}/checkpoint`, name: ctx.container, tcpEstablished: true, exportBlobs: true },
-          agentOpts(io, ctx.source),
-        )
-        .catch(() => undefined); // not recorded: nothing was packed that the source could name
-      if (again?.blobs?.checkpoint && again.blobs.upper) {
-        ctx.out.checkpointBlob = again.blobs.checkpoint;
-        ctx.out.upperBlob = again.blobs.upper;
-      }
+      // An error: not recorded, so nothing was packed that the source could name.
+      const again = await checkpointCall(ctx, io, `${ctx.id}/checkpoint`).catch(() => undefined);
+      keepBlobs(ctx, io, again?.blobs);
     }
     await inParallel(io, blobDeletions(ctx, io, "source"));
     if (container?.state === ContainerState.CONTAINER_STATE_RUNNING) return;
@@ -355,10 +350,7 @@ const transfer: Step<MigrationCtx> = {
   async run(ctx, io) {
     // Packed by the checkpoint, or now. Not saved before the pulls (the undo can ask again,
     // below): with the step's DONE.
-    const { checkpointBlob, upperBlob } =
-      ctx.out.checkpointBlob && ctx.out.upperBlob
-        ? { checkpointBlob: ctx.out.checkpointBlob, upperBlob: ctx.out.upperBlob }
-        : await exportCheckpoint(ctx, io);
+    const { checkpointBlob, upperBlob } = await sourceBlobs(ctx, io);
     // The two pulls overlap: the longer one is the work (the export's time came with its call).
     await inParallel(io, [
       [ctx.dest, (o) => pull(ctx, io, checkpointBlob, "checkpoint", o)],
@@ -370,22 +362,44 @@ const transfer: Step<MigrationCtx> = {
     // again with the same operation key, the source answers with the same ones (or exports now,
     // for them to be deleted at once).
     // An export that fails made no blobs: nothing more to find.
-    if (!ctx.out.checkpointBlob && ctx.out.checkpointId) await exportCheckpoint(ctx, io).catch(() => undefined);
+    if (ctx.out.checkpointId) await sourceBlobs(ctx, io).catch(() => undefined);
     // Both copies: the one pulled to the destination and the one exported on the source.
     await inParallel(io, [...blobDeletions(ctx, io, "dest"), ...blobDeletions(ctx, io, "source")]);
   },
 };
 
-/** The checkpoint and upper dir packed into blobs on the source: one operation, whoever asks. */
-async function exportCheckpoint(ctx: MigrationCtx, io: StepIo): Promise<{ checkpointBlob: BlobRef; upperBlob: BlobRef }> {
-  const ex = await ctx.source.client.exportCheckpoint(
-    { operationKey: `${ctx.id}/transfer/export`, name: ctx.container, checkpointId: need(ctx.out.checkpointId, "checkpoint id") },
+/**
+ * Checkpoint on the source, packing the blobs in the same call (export_blobs), under
+ * `operationKey`: the step's own, or, from its undo, the run's again (answered from the record).
+ */
+function checkpointCall(ctx: MigrationCtx, io: StepIo, operationKey: string): Promise<CheckpointResponse> {
+  return ctx.source.client.checkpoint(
+    { operationKey, name: ctx.container, tcpEstablished: true, exportBlobs: true },
     agentOpts(io, ctx.source),
   );
-  ctx.out.checkpointBlob = need(ex.checkpoint, "checkpoint blob");
-  ctx.out.upperBlob = need(ex.upper, "upper blob");
-  io.detail("export_ms", ex.durationMs);
-  return { checkpointBlob: ctx.out.checkpointBlob, upperBlob: ctx.out.upperBlob };
+}
+
+/** Keep the blobs a checkpoint or an export made (both, or none: an older agent's checkpoint packs none). */
+function keepBlobs(ctx: MigrationCtx, io: StepIo, blobs: ExportCheckpointResponse | undefined): void {
+  if (!blobs?.checkpoint || !blobs.upper) return;
+  ctx.out.checkpointBlob = blobs.checkpoint;
+  ctx.out.upperBlob = blobs.upper;
+  io.detail("export_ms", blobs.durationMs);
+}
+
+/**
+ * The checkpoint and upper dir packed into blobs on the source: those the checkpoint made, or an
+ * export now (an older agent), one operation whoever asks.
+ */
+async function sourceBlobs(ctx: MigrationCtx, io: StepIo): Promise<{ checkpointBlob: BlobRef; upperBlob: BlobRef }> {
+  if (!ctx.out.checkpointBlob || !ctx.out.upperBlob) {
+    const ex = await ctx.source.client.exportCheckpoint(
+      { operationKey: `${ctx.id}/transfer/export`, name: ctx.container, checkpointId: need(ctx.out.checkpointId, "checkpoint id") },
+      agentOpts(io, ctx.source),
+    );
+    keepBlobs(ctx, io, ex);
+  }
+  return { checkpointBlob: need(ctx.out.checkpointBlob, "checkpoint blob"), upperBlob: need(ctx.out.upperBlob, "upper blob") };
 }
 
 /** Only in records saved by an older controller: see the diagram at the top. */
@@ -518,9 +532,9 @@ export const PREPARE_GROUP = "prepare";
 export const TRANSFER_GROUP = "transfer";
 
 /**
- * The stop-and-copy pipeline (COAT's steps, with step 4's parts in parallel and the path switch
- * among them). `saved`: the step names of a record being resumed; one made by an older controller
- * that cleared the source's namespace inside the downtime resumes with that step, so that its
+ * The stop-and-copy pipeline (COAT's steps, the transfer and the path switch in parallel).
+ * `saved`: the step names of a record being resumed; one made by an older controller that
+ * cleared the source's namespace inside the downtime resumes with that step, so that its
  * rollback still puts the namespace back.
  */
 export function stopAndCopyPipeline(saved: readonly string[] = []): Stage<MigrationCtx>[] {
