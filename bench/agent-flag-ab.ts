@@ -32,7 +32,7 @@ const CHECKS: Record<string, (value: string) => Promise<string | undefined>> = {
 const bed = await makeBed(["edge-a", "edge-b"]);
 try {
   const echo = await echoUnderTest(bed, "ab", "10.77.0.51");
-  const { spec, t0 } = echo;
+  const { spec } = echo;
   const runs: { variant: "A" | "B"; t: MigrationTimes; atMs: number; wallMs: number; cpuMs: number }[] = [];
   let where = "edge-a";
   for (let i = 0; i < rounds * 2; i++) {
@@ -43,7 +43,7 @@ try {
     if (wrong) throw new Error(`round ${i}: ${wrong}`);
     for (let leg = 0; leg < 2; leg++) {
       const to = where === "edge-a" ? "edge-b" : "edge-a";
-      const atMs = Date.now() - t0;
+      const atMs = echo.mark();
       const cpu0 = busyCpuMs();
       const w0 = performance.now();
       const t = await migrateViaAgents(bed, spec, where, to, `ab-${i}-${leg}`);
@@ -53,8 +53,7 @@ try {
     }
   }
   const report = await echo.finish();
-  // Up to the next migration's start: a longer window would take in its gap too.
-  const gapOf = (r: (typeof runs)[number]): number => echo.gapAfter(r.atMs, runs[runs.indexOf(r) + 1]?.atMs);
+  const gapOf = (r: (typeof runs)[number]): number => echo.gapAfter(r.atMs);
   const stat = (v: "A" | "B") => {
     const rs = runs.filter((r) => r.variant === v);
     const m = (f: (r: (typeof rs)[number]) => number): number => Math.round(median(rs.map(f)));

@@ -44,22 +44,21 @@ try {
   if (shape)
     await shaper!.apply(Object.fromEntries(Object.entries(shape).map(([h, s]) => [h === "client-host" ? bed.clientHost.name : h, s])));
   const echo = await echoUnderTest(bed, "ab", "10.77.0.50");
-  const { spec, t0 } = echo;
+  const { spec } = echo;
   const runs: { variant: "A" | "B"; downtimeMs: number; transferMs: number; atMs: number }[] = [];
   let where = "edge-a";
   for (let i = 0; i < rounds * 2; i++) {
     // A, B, B, A, ...: each variant moves both ways equally often (the links differ per host).
     const variant = ((i >> 1) ^ i) & 1 ? "B" : "A";
     const to = where === "edge-a" ? "edge-b" : "edge-a";
-    const atMs = Date.now() - t0;
+    const atMs = echo.mark();
     const t = await migrateViaAgents(bed, spec, where, to, `ab-${i}`, choice[variant]);
     runs.push({ variant, downtimeMs: t.downtimeMs, transferMs: t.transferMs, atMs });
     where = to;
     await new Promise((r) => setTimeout(r, 2000));
   }
   const report = await echo.finish();
-  // Up to the next migration's start: a longer window would take in its gap too.
-  const gapOf = (r: (typeof runs)[number]): number => echo.gapAfter(r.atMs, runs[runs.indexOf(r) + 1]?.atMs);
+  const gapOf = (r: (typeof runs)[number]): number => echo.gapAfter(r.atMs);
   const stat = (v: "A" | "B") => {
     const rs = runs.filter((r) => r.variant === v);
     return {

@@ -294,16 +294,15 @@ export interface EchoClientReport {
 /**
  * For the A/B benchmarks: a ferry-echo container `name` at `ip` on edge-a, routed, and the
  * checking client connected to it from the client workload (100 kB/s, gaps from 50 ms).
- * `t0` is taken 1.5 s after the client started; once `finish()` has stopped it,
- * `gapAfter(atMs, untilMs)` is the longest gap the client saw that began in [atMs, untilMs) (ms
- * since `t0`; untilMs defaults to atMs + 3000). Give each migration's window up to the next
- * one's start: a longer window also takes in the next migration's gap.
+ * Call `mark()` as each migration starts; once `finish()` has stopped the client, `gapAfter(at)`
+ * is the longest gap the client saw that began between the migration marked `at` and the next
+ * one marked (or 3 s after the last): a window past the next start would take in its gap too.
  */
 export async function echoUnderTest(
   bed: Bed,
   name: string,
   ip: string,
-): Promise<{ spec: ContainerSpec; t0: number; finish(): Promise<EchoClientReport>; gapAfter(atMs: number, untilMs?: number): number }> {
+): Promise<{ spec: ContainerSpec; mark(): number; finish(): Promise<EchoClientReport>; gapAfter(at: number): number }> {
   const spec: ContainerSpec = {
     name,
     image: "testkit",
@@ -331,18 +330,25 @@ export async function echoUnderTest(
   // The client's clock starts when it has connected, a few ms after the spawn: its times, less
   // this, are ms since t0 (early by those few ms; the window below allows 50).
   const clientOffset = t0 - spawnedAt;
+  /** Migration starts, ms since t0, in order. */
+  const marks: number[] = [];
   return {
     spec,
-    t0,
+    mark: () => {
+      marks.push(Date.now() - t0);
+      return marks[marks.length - 1]!;
+    },
     async finish() {
       client.kill("SIGTERM");
       await new Promise((r) => client.on("close", r));
       return (report = JSON.parse(out) as EchoClientReport);
     },
-    gapAfter: (atMs, untilMs = atMs + 3000) =>
-      Math.max(
+    gapAfter: (at) => {
+      const until = marks.find((m) => m > at) ?? at + 3000;
+      return Math.max(
         0,
-        ...(report?.gaps ?? []).filter((g) => g.atMs - clientOffset >= atMs - 50 && g.atMs - clientOffset < untilMs).map((g) => g.ms),
-      ),
+        ...(report?.gaps ?? []).filter((g) => g.atMs - clientOffset >= at - 50 && g.atMs - clientOffset < until).map((g) => g.ms),
+      );
+    },
   };
 }
